@@ -1,0 +1,224 @@
+"""Shared building blocks: PyTorch-style padding, conv + norm + activation, pooling.
+
+Every model in `flaxcnn.models` is assembled from these pieces so that padding, pooling
+and flatten order match torchvision exactly (converted weights must give the same logits).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+Dtype = Any
+IntPair = int | tuple[int, int]
+
+# torchvision initialises convolutions with He (Kaiming) normal over fan-out.
+kaiming_fan_out = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+
+# PyTorch's BatchNorm momentum 0.1 weights the *new* batch; Flax's weights the *old* average.
+TORCH_BN_MOMENTUM = 0.9
+TORCH_BN_EPSILON = 1e-5
+
+
+def pair(v: IntPair) -> tuple[int, int]:
+    return (v, v) if isinstance(v, int) else tuple(v)
+
+
+def torch_padding(padding: IntPair) -> tuple[tuple[int, int], tuple[int, int]]:
+    """PyTorch's symmetric `padding=p` as explicit Flax padding (Flax's "SAME" can differ)."""
+    ph, pw = pair(padding)
+    return ((ph, ph), (pw, pw))
+
+
+def pool_output_size(size: int, window: int, stride: int, padding: int, ceil_mode: bool) -> int:
+    """Output length of a PyTorch pooling layer along one axis."""
+    span = size + 2 * padding - window
+    out = (-(-span // stride) if ceil_mode else span // stride) + 1
+    # PyTorch drops a last window that would start entirely inside the right padding.
+    if ceil_mode and (out - 1) * stride >= size + padding:
+        out -= 1
+    return out
+
+
+def conv_output_size(size: int, kernel: int, stride: int = 1, padding: int = 0) -> int:
+    return (size + 2 * padding - kernel) // stride + 1
+
+
+def _pool_padding(size: int, window: int, stride: int, padding: int, ceil_mode: bool):
+    out = pool_output_size(size, window, stride, padding, ceil_mode)
+    needed = (out - 1) * stride + window - size - padding  # right padding actually used
+    return (padding, max(needed, 0))
+
+
+def max_pool(
+    x: Array,
+    window: IntPair,
+    stride: IntPair | None = None,
+    padding: IntPair = 0,
+    ceil_mode: bool = False,
+) -> Array:
+    """`torch.nn.MaxPool2d` on NHWC input: padding never wins the max, `ceil_mode` as in torch."""
+    window, stride = pair(window), pair(stride if stride is not None else window)
+    padding = pair(padding)
+    pads = tuple(
+        _pool_padding(x.shape[1 + i], window[i], stride[i], padding[i], ceil_mode)
+        for i in range(2)
+    )
+    return nn.max_pool(x, window, stride, padding=pads)
+
+
+def avg_pool(x: Array, window: IntPair, stride: IntPair | None = None) -> Array:
+    """`torch.nn.AvgPool2d` without padding (the only form the classic nets use)."""
+    window = pair(window)
+    return nn.avg_pool(x, window, pair(stride if stride is not None else window))
+
+
+def adaptive_avg_pool(x: Array, output_size: IntPair) -> Array:
+    """`torch.nn.AdaptiveAvgPool2d` on NHWC input.
+
+    Output cell i averages rows floor(i*H/out) .. ceil((i+1)*H/out), exactly as torch does,
+    including the case H < out where cells repeat input rows.
+    """
+    out_h, out_w = pair(output_size)
+    h, w = x.shape[1], x.shape[2]
+    if (h, w) == (out_h, out_w):
+        return x
+    if h % out_h == 0 and w % out_w == 0:
+        return avg_pool(x, (h // out_h, w // out_w))
+
+    def bins(size: int, out: int):
+        return [(i * size // out, -(-(i + 1) * size // out)) for i in range(out)]
+
+    rows = [jnp.mean(x[:, a:b], axis=1, keepdims=True) for a, b in bins(h, out_h)]
+    x = jnp.concatenate(rows, axis=1)
+    cols = [jnp.mean(x[:, :, a:b], axis=2, keepdims=True) for a, b in bins(w, out_w)]
+    return jnp.concatenate(cols, axis=2)
+
+
+def global_avg_pool(x: Array) -> Array:
+    """Mean over the spatial axes: (N, H, W, C) -> (N, C)."""
+    return jnp.mean(x, axis=(1, 2))
+
+
+def flatten_nchw(x: Array) -> Array:
+    """Flatten in PyTorch's (C, H, W) order so that torchvision classifier weights line up."""
+    return jnp.transpose(x, (0, 3, 1, 2)).reshape(x.shape[0], -1)
+
+
+def check_min_size(x: Array, min_size: int, name: str) -> None:
+    """Fail at trace time, with the number a user needs, when an input is too small."""
+    h, w = x.shape[1], x.shape[2]
+    if h < min_size or w < min_size:
+        raise ValueError(
+            f"{name} needs inputs of at least {min_size}x{min_size} pixels, got {h}x{w}"
+        )
+
+
+def min_input_size(output_size: Callable[[int], int], start: int = 1, limit: int = 4096) -> int:
+    """Smallest input side for which `output_size(side) >= 1` (the layer stack is monotone)."""
+    for side in range(start, limit):
+        if output_size(side) >= 1:
+            return side
+    raise ValueError("no input size up to the limit gives a non-empty output")
+
+
+def batch_norm(
+    train: bool,
+    *,
+    axis_name: str | None = None,
+    dtype: Dtype = jnp.float32,
+    epsilon: float = TORCH_BN_EPSILON,
+    scale_init: Callable = nn.initializers.ones,
+    name: str | None = None,
+) -> nn.BatchNorm:
+    """BatchNorm with PyTorch's defaults; `axis_name` makes statistics global across devices."""
+    return nn.BatchNorm(
+        use_running_average=not train,
+        momentum=TORCH_BN_MOMENTUM,
+        epsilon=epsilon,
+        axis_name=axis_name,
+        dtype=dtype,
+        scale_init=scale_init,
+        name=name,
+    )
+
+
+class ConvBN(nn.Module):
+    """Conv -> (BatchNorm) -> (activation): the unit every classic CNN repeats.
+
+    With `norm=True` the convolution has no bias (BatchNorm's shift replaces it), as in
+    torchvision. `act=None` leaves the output linear (e.g. before a residual addition).
+    """
+
+    features: int
+    kernel_size: IntPair = 3
+    strides: IntPair = 1
+    padding: IntPair = 0
+    norm: bool = True
+    act: Callable[[Array], Array] | None = nn.relu
+    use_bias: bool | None = None  # default: bias only without BatchNorm
+    bn_epsilon: float = TORCH_BN_EPSILON
+    bn_scale_init: Callable = nn.initializers.ones
+    axis_name: str | None = None
+    dtype: Dtype = jnp.float32
+    kernel_init: Callable = kaiming_fan_out
+
+    @nn.compact
+    def __call__(self, x: Array, train: bool) -> Array:
+        use_bias = (not self.norm) if self.use_bias is None else self.use_bias
+        x = nn.Conv(
+            self.features,
+            pair(self.kernel_size),
+            strides=pair(self.strides),
+            padding=torch_padding(self.padding),
+            use_bias=use_bias,
+            dtype=self.dtype,
+            kernel_init=self.kernel_init,
+            name="conv",
+        )(x)
+        if self.norm:
+            x = batch_norm(
+                train,
+                axis_name=self.axis_name,
+                dtype=self.dtype,
+                epsilon=self.bn_epsilon,
+                scale_init=self.bn_scale_init,
+                name="bn",
+            )(x)
+        if self.act is not None:
+            x = self.act(x)
+        return x
+
+
+class Classifier(nn.Module):
+    """Fully connected head: (dropout -> dense -> ReLU) per hidden width, then the logits.
+
+    This is where the local features of the convolutional part are combined: each dense
+    layer is `wx + b` changing the dimension. Dropout comes before each hidden dense layer with
+    `dropout_first`, as in AlexNet, or after each hidden ReLU, as in VGG.
+    """
+
+    hidden: Sequence[int]
+    num_classes: int
+    dropout_rate: float = 0.0
+    dropout_first: bool = False
+    dtype: Dtype = jnp.float32
+    kernel_init: Callable = nn.initializers.lecun_normal()
+
+    @nn.compact
+    def __call__(self, x: Array, train: bool) -> Array:
+        dense = functools.partial(nn.Dense, dtype=self.dtype, kernel_init=self.kernel_init)
+        drop = nn.Dropout(self.dropout_rate, deterministic=not train)
+        for i, width in enumerate(self.hidden):
+            if self.dropout_first:
+                x = drop(x)
+            x = nn.relu(dense(width, name=f"fc{i + 1}")(x))
+            if not self.dropout_first:
+                x = drop(x)
+        return dense(self.num_classes, name=f"fc{len(self.hidden) + 1}")(x)
