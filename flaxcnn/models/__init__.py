@@ -10,7 +10,7 @@ Every model takes NHWC input and an explicit `train` flag; BatchNorm statistics 
 """
 
 # Importing a family registers its variants.
-from flaxcnn.models import alexnet, lenet, netresdeep, resnet, simple, vgg  # noqa: F401
+from flaxcnn.models import alexnet, inception, lenet, netresdeep, resnet, simple, vgg  # noqa: F401
 from flaxcnn.models.registry import ModelSpec, create, get_spec, names, options, register
 
 __all__ = ["ModelSpec", "create", "get_spec", "names", "options", "register"]
