@@ -104,7 +104,7 @@ class InceptionAux(nn.Module):
         x = layers.flatten_nchw(x)  # torch.flatten on NCHW: fc1's weights expect that order
         dense = functools.partial(nn.Dense, dtype=self.dtype, kernel_init=weight_init)
         x = nn.relu(dense(1024, name="fc1")(x))
-        x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
+        x = nn.Dropout(self.dropout_rate, deterministic=not train, name="dropout")(x)
         return dense(self.num_classes, name="fc2")(x)
 
 
@@ -187,7 +187,7 @@ class GoogLeNet(nn.Module):
         x = module("inception5b", x)
 
         x = layers.global_avg_pool(x)
-        x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
+        x = nn.Dropout(self.dropout_rate, deterministic=not train, name="dropout")(x)
         logits = nn.Dense(self.num_classes, dtype=self.dtype, kernel_init=weight_init, name="fc")(x)
         if run_aux and train:
             return logits, (aux1, aux2)
