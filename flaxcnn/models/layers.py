@@ -67,8 +67,7 @@ def max_pool(
     window, stride = pair(window), pair(stride if stride is not None else window)
     padding = pair(padding)
     pads = tuple(
-        _pool_padding(x.shape[1 + i], window[i], stride[i], padding[i], ceil_mode)
-        for i in range(2)
+        _pool_padding(x.shape[1 + i], window[i], stride[i], padding[i], ceil_mode) for i in range(2)
     )
     return nn.max_pool(x, window, stride, padding=pads)
 

@@ -1,0 +1,74 @@
+"""`python -m flaxcnn.models`: list the architectures, or summarise one layer by layer.
+
+python -m flaxcnn.models
+python -m flaxcnn.models --summary resnet50 --image-size 224 --num-classes 1000
+"""
+
+from __future__ import annotations
+
+from flaxcnn import cli, models
+from flaxcnn.models import summary
+
+
+def list_models() -> str:
+    rows = [("name", "params", "input", "description")]
+    for name in models.names():
+        spec = models.get_spec(name)
+        shape = (1, spec.input_size, spec.input_size, spec.in_channels)
+        params = summary.count_params(models.create(name), shape)
+        size = f"{spec.input_size}x{spec.input_size}x{spec.in_channels}"
+        rows.append((name, f"{params:,}", size, spec.description))
+    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    return "\n".join(
+        f"{r[0].ljust(widths[0])}  {r[1].rjust(widths[1])}  {r[2].ljust(widths[2])}  {r[3]}"
+        for r in rows
+    )
+
+
+def summarise(name: str, image_size: int | None, num_classes: int | None, depth: int | None):
+    spec = models.get_spec(name)
+    size = image_size or spec.input_size
+    if size < spec.min_size:
+        raise cli.UsageError(f"{name} needs --image-size of at least {spec.min_size}, got {size}")
+    model = models.create(name, num_classes=num_classes)
+    shape = (1, size, size, spec.in_channels)
+    rows = summary.layer_table(model, shape, depth=depth)
+    total = summary.count_params(model, shape)
+    classes = num_classes or spec.num_classes
+    title = f"{name} on {size}x{size}x{spec.in_channels}, {classes} classes (eval mode)"
+    return f"{title}\n{summary.format_table(rows, total_params=total)}"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = cli.ArgumentParser(
+        prog="python -m flaxcnn.models",
+        description="List the registered architectures with their parameter counts, "
+        "or print one architecture's per-layer table (output shape, parameters, "
+        "multiply-adds per image).",
+    )
+    parser.add_argument("--summary", metavar="ARCH", help="architecture to summarise")
+    parser.add_argument(
+        "--image-size", type=int, help="square input side (default: the design size)"
+    )
+    parser.add_argument("--num-classes", type=int, help="classes (default: the design's)")
+    parser.add_argument(
+        "--depth", type=int, help="module depth of the rows (default: every innermost layer)"
+    )
+    args = parser.parse_args(argv)
+    for flag in ("image_size", "num_classes", "depth"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            parser.error(f"--{flag.replace('_', '-')} must be positive, got {value}")
+    if args.summary is None:
+        if any(getattr(args, f) is not None for f in ("image_size", "num_classes", "depth")):
+            parser.error("--image-size, --num-classes and --depth need --summary ARCH")
+        print(list_models())
+        return
+    try:
+        print(summarise(args.summary, args.image_size, args.num_classes, args.depth))
+    except ValueError as e:
+        cli.fail(str(e))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,74 @@
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from flaxcnn.models import layers
+
+
+def torch_adaptive_avg_pool_reference(x: np.ndarray, out: int) -> np.ndarray:
+    """PyTorch's definition, written as loops: cell i averages [floor(iH/o), ceil((i+1)H/o))."""
+    n, h, w, c = x.shape
+    y = np.zeros((n, out, out, c), x.dtype)
+    for i, j in itertools.product(range(out), range(out)):
+        r0, r1 = (i * h) // out, -(-((i + 1) * h) // out)
+        c0, c1 = (j * w) // out, -(-((j + 1) * w) // out)
+        y[:, i, j] = x[:, r0:r1, c0:c1].mean(axis=(1, 2))
+    return y
+
+
+@pytest.mark.parametrize("size, out", [(14, 7), (13, 7), (1, 7), (3, 7), (10, 6), (6, 6)])
+def test_adaptive_avg_pool_matches_torch_definition(size, out):
+    x = np.random.default_rng(0).normal(size=(2, size, size, 3)).astype(np.float32)
+    np.testing.assert_allclose(
+        layers.adaptive_avg_pool(jnp.asarray(x), out),
+        torch_adaptive_avg_pool_reference(x, out),
+        rtol=1e-6,
+        atol=1e-6,
+    )
+
+
+@pytest.mark.parametrize(
+    "size, window, stride, padding, ceil_mode, expected",
+    [
+        (112, 3, 2, 0, True, 56),  # GoogLeNet's first pool
+        (112, 3, 2, 0, False, 55),
+        (55, 3, 2, 0, False, 27),  # AlexNet
+        (5, 2, 2, 1, True, 3),  # the last window would start in the padding: dropped
+        (7, 3, 1, 1, False, 7),  # Inception's pool branch keeps the size
+    ],
+)
+def test_pool_output_size_follows_torch(size, window, stride, padding, ceil_mode, expected):
+    assert layers.pool_output_size(size, window, stride, padding, ceil_mode) == expected
+    x = jnp.ones((1, size, size, 1))
+    y = layers.max_pool(x, window, stride, padding, ceil_mode)
+    assert y.shape == (1, expected, expected, 1)
+
+
+def test_max_pool_padding_never_wins():
+    x = -jnp.arange(1.0, 26.0).reshape(1, 5, 5, 1)  # all negative: zero padding would win
+    y = layers.max_pool(x, 2, 2, padding=1, ceil_mode=True)
+    assert float(y.max()) < 0
+    assert float(y[0, 0, 0, 0]) == -1.0
+
+
+def test_flatten_nchw_is_channel_major():
+    x = jnp.arange(2 * 2 * 3).reshape(1, 2, 2, 3)  # NHWC
+    flat = layers.flatten_nchw(x)
+    np.testing.assert_array_equal(flat[0], np.transpose(np.asarray(x), (0, 3, 1, 2)).ravel())
+
+
+def test_conv_bn_has_bias_only_without_norm():
+    x = jnp.ones((1, 8, 8, 3))
+    with_norm = layers.ConvBN(4, 3, padding=1).init(jax.random.key(0), x, train=False)
+    without = layers.ConvBN(4, 3, padding=1, norm=False).init(jax.random.key(0), x, train=False)
+    assert "bias" not in with_norm["params"]["conv"]
+    assert "bn" in with_norm["params"] and "batch_stats" in with_norm
+    assert "bias" in without["params"]["conv"] and "batch_stats" not in without
+
+
+def test_check_min_size_message():
+    with pytest.raises(ValueError, match="at least 32x32 pixels, got 16x40"):
+        layers.check_min_size(jnp.zeros((1, 16, 40, 3)), 32, "vgg")
