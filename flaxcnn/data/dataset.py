@@ -1,0 +1,99 @@
+"""What every loader returns: a frozen description plus random-access train/test sources.
+
+Whatever stored the data (the embedded digits, a user's folder, a standard TFDS set), the
+pipelines see the same thing: ``source[i] -> {"image": uint8 HxWxC, "label": int}``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+TRAIN = "train"
+TEST = "test"
+# Where a TFDS set has no "test" split, its held-out split is called one of these.
+TEST_SPLIT_ALIASES = ("test", "validation", "valid", "val")
+
+
+class DatasetNotPrepared(ValueError):
+    """A data set is not on disk in a readable form and cannot be prepared here.
+
+    Its ``str`` is one line saying exactly how to prepare it.
+    """
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetInfo:
+    """What the pipelines and the trainer need to know about a data set.
+
+    ``image_shape`` is the stored (H, W, C); a dimension is 0 where the stored images vary in
+    it (some TFDS sets such as imagenette): the pipelines resize every image anyway.
+    ``mean``/``std`` are per stored channel on the 0..1 scale. ``hflip`` says whether a
+    horizontal flip keeps the label (False for digits and other characters).
+    """
+
+    name: str
+    num_classes: int
+    class_names: tuple[str, ...]
+    image_shape: tuple[int, int, int]
+    num_train: int
+    num_test: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    hflip: bool
+
+    @property
+    def channels(self) -> int:
+        return self.image_shape[2]
+
+
+class ImageLabelSource(Sequence):
+    """A TFDS data source reduced to ``{"image", "label"}``: other features are not decoded.
+
+    Picklable (grain worker processes receive it) and random-access, with the batched
+    ``__getitems__`` that grain uses when it reads several records at once.
+    """
+
+    def __init__(self, source: Any, *, image_key: str = "image", label_key: str = "label"):
+        self._source = source
+        self._image_key = image_key
+        self._label_key = label_key
+
+    def __len__(self) -> int:
+        return len(self._source)
+
+    def _convert(self, record: dict[str, Any]) -> dict[str, Any]:
+        image = np.asarray(record[self._image_key], dtype=np.uint8)
+        if image.ndim == 2:
+            image = image[..., None]
+        return {"image": image, "label": int(record[self._label_key])}
+
+    def __getitem__(self, index: int) -> dict[str, Any]:  # type: ignore[override]
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"index {index} out of range for {len(self)} examples")
+        return self._convert(self._source[index % len(self)])
+
+    def __getitems__(self, indices: Sequence[int]) -> list[dict[str, Any]]:
+        return [self._convert(record) for record in self._source.__getitems__(list(indices))]
+
+    def __repr__(self) -> str:
+        return f"ImageLabelSource({self._source!r}, {len(self)} examples)"
+
+
+@dataclasses.dataclass(frozen=True)
+class Dataset:
+    """A loaded data set: its description and its two splits."""
+
+    info: DatasetInfo
+    train: ImageLabelSource
+    test: ImageLabelSource
+
+    def split(self, name: str) -> ImageLabelSource:
+        if name == TRAIN:
+            return self.train
+        if name == TEST:
+            return self.test
+        raise ValueError(f"unknown split {name!r}; expected 'train' or 'test'")

@@ -1,0 +1,35 @@
+"""``load(name)``: one entry point for the digits, image folders and standard TFDS sets."""
+
+from __future__ import annotations
+
+import os
+
+from flaxcnn.data.catalog import load_tfds
+from flaxcnn.data.dataset import Dataset
+from flaxcnn.data.digits import NAME as DIGITS
+from flaxcnn.data.digits import load_digits
+from flaxcnn.data.folder import PREFIX as FOLDER_PREFIX
+from flaxcnn.data.folder import load_folder
+
+
+def load(
+    name: str, *, data_dir: str | os.PathLike | None = None, skip_corrupt: bool = False
+) -> Dataset:
+    """Open a data set by name: ``"digits"``, ``"folder:PATH"`` or a TFDS name (``"cifar10"``).
+
+    Prepares it first where needed and possible. Raises :class:`DatasetNotPrepared` or
+    ``ValueError``, each with a one-line message, for unknown names, unprepared sets and
+    unusable folders. ``skip_corrupt`` applies to folders: skip unreadable images and stray
+    files instead of stopping.
+    """
+    if not isinstance(name, str) or not name.strip():
+        raise ValueError(f"a data set name must be a non-empty string, got {name!r}")
+    name = name.strip()
+    if name == DIGITS:
+        return load_digits(data_dir)
+    if name.startswith(FOLDER_PREFIX):
+        path = name[len(FOLDER_PREFIX) :]
+        if not path:
+            raise ValueError("folder: needs a path, as in folder:/data/my_images")
+        return load_folder(path, data_dir=data_dir, skip_corrupt=skip_corrupt)
+    return load_tfds(name, data_dir=data_dir)

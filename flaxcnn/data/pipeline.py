@@ -1,0 +1,260 @@
+"""grain pipelines: endless shuffled training batches and padded, masked evaluation batches.
+
+Both are grain ``MapDataset`` graphs, so element ``i`` is a pure function of the seed and
+``i``. Training: the data set is reshuffled each epoch (grain folds the epoch into the
+seed), the last ``num_train % global_batch_size`` examples of each shuffled epoch are
+dropped (a different remainder each epoch), and every process takes every
+``process_count``-th example from position ``process_index``, so the union of the
+processes' batch ``t`` is exactly global batch ``t``. Augmentation draws from an RNG keyed
+by the example's global position, so the global batches are the same for any number of
+processes or workers.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import grain
+import numpy as np
+from absl import flags
+
+from flaxcnn.data.dataset import Dataset
+from flaxcnn.data.memory import fits_in_memory, preprocess_in_memory
+from flaxcnn.data.transforms import Augment, Normalize, Preprocess, crop_padding, normalization
+
+DEFAULT_THREADS = min(4, os.cpu_count() or 1)
+# Batches buffered ahead of the consumer, per process (threads) or per worker (processes).
+PREFETCH_BATCHES = 4
+
+
+def _process_layout(index: int | None, count: int | None) -> tuple[int, int]:
+    if index is None or count is None:
+        import jax  # Only when asked to find out; the data layer itself needs no accelerator.
+
+        index = jax.process_index() if index is None else index
+        count = jax.process_count() if count is None else count
+    if count < 1 or not 0 <= index < count:
+        raise ValueError(f"process_index {index} is not in range for process_count {count}")
+    return index, count
+
+
+def _check_shape_args(global_batch_size: int, image_size: int, channels: int) -> None:
+    if global_batch_size < 1:
+        raise ValueError(f"global_batch_size must be positive, got {global_batch_size}")
+    if image_size < 1:
+        raise ValueError(f"image_size must be positive, got {image_size}")
+    if channels not in (1, 3):
+        raise ValueError(f"channels must be 1 or 3, got {channels}")
+
+
+def _local_batch_size(global_batch_size: int, process_count: int) -> int:
+    if global_batch_size % process_count:
+        raise ValueError(
+            f"global batch size {global_batch_size} is not divisible by the {process_count} "
+            "processes"
+        )
+    return global_batch_size // process_count
+
+
+def _iter_dataset(
+    batches: grain.MapDataset, worker_count: int, threads: int = DEFAULT_THREADS
+) -> grain.IterDataset:
+    """Read ahead in background threads; with ``worker_count`` > 0, in worker processes too."""
+    read = grain.ReadOptions(num_threads=threads, prefetch_buffer_size=PREFETCH_BATCHES)
+    iterable = batches.to_iter_dataset(read)
+    if worker_count > 0:
+        # grain 0.2 reads an absl flag when starting workers and fails if the program never
+        # parsed flags (google/grain#1355); without absl.app, the defaults are what we want.
+        if not flags.FLAGS.is_parsed():
+            flags.FLAGS.mark_as_parsed()
+        iterable = iterable.mp_prefetch(
+            grain.MultiprocessingOptions(
+                num_workers=worker_count, per_worker_buffer_size=PREFETCH_BATCHES
+            )
+        )
+    return iterable
+
+
+class TrainPipeline:
+    """Endless training batches for one process: ``iter(pipeline)`` starts at step 0.
+
+    Each batch is ``{"image": float32 [local_batch, S, S, C] (normalised), "label": int32
+    [local_batch]}``; batch ``step`` belongs to epoch ``step // steps_per_epoch``.
+    ``worker_count`` > 0 decodes and augments in that many grain worker processes (worth it
+    for large images); 0 reads ahead in background threads of this process.
+    """
+
+    def __init__(
+        self,
+        dataset: Dataset,
+        *,
+        global_batch_size: int,
+        image_size: int,
+        channels: int,
+        seed: int,
+        augment: bool = True,
+        process_index: int | None = None,
+        process_count: int | None = None,
+        worker_count: int = 0,
+    ):
+        _check_shape_args(global_batch_size, image_size, channels)
+        if worker_count < 0:
+            raise ValueError(f"worker_count must be >= 0, got {worker_count}")
+        self.dataset = dataset
+        self.global_batch_size = global_batch_size
+        self.image_size = image_size
+        self.channels = channels
+        self.seed = seed
+        self.augment = augment
+        self.worker_count = worker_count
+        self.process_index, self.process_count = _process_layout(process_index, process_count)
+        self.local_batch_size = _local_batch_size(global_batch_size, self.process_count)
+        self.steps_per_epoch = dataset.info.num_train // global_batch_size
+        if self.steps_per_epoch == 0:
+            raise ValueError(
+                f"{dataset.info.name} has {dataset.info.num_train} training examples, fewer "
+                f"than one global batch of {global_batch_size}"
+            )
+        self._batches = self._build()
+
+    def _build(self) -> grain.MapDataset:
+        info = self.dataset.info
+        train = self.dataset.train
+        in_memory = fits_in_memory(len(train), self.image_size, self.channels)
+        if in_memory:
+            train = preprocess_in_memory(train, self.image_size, self.channels)
+        examples = grain.MapDataset.source(train).seed(self.seed).shuffle()
+        # One epoch = the first steps_per_epoch * global_batch_size of its shuffle; grain
+        # maps indices past the end to later epochs, reshuffled.
+        examples = examples[: self.steps_per_epoch * self.global_batch_size]
+        if not in_memory:
+            examples = examples.map(Preprocess(self.image_size, self.channels))
+        if self.augment:
+            examples = examples.random_map(Augment(crop_padding(self.image_size), info.hflip))
+        local = examples[self.process_index :: self.process_count]
+        batches = local.batch(self.local_batch_size, drop_remainder=True)
+        return batches.map(Normalize(*normalization(info, self.channels))).repeat()
+
+    def signature(self) -> dict[str, Any]:
+        """What a saved iterator state is only valid for."""
+        return {
+            "dataset": self.dataset.info.name,
+            "num_train": self.dataset.info.num_train,
+            "global_batch_size": self.global_batch_size,
+            "image_size": self.image_size,
+            "channels": self.channels,
+            "seed": self.seed,
+            "augment": self.augment,
+        }
+
+    def __iter__(self) -> TrainIterator:
+        return TrainIterator(self, _iter_dataset(self._batches, self.worker_count))
+
+
+class TrainIterator(Iterator[dict[str, np.ndarray]]):
+    """A grain iterator over training batches whose position can be saved and restored.
+
+    The state is the index of the next batch (grain's own next-index), plus the settings
+    it is valid for. It holds for any number of processes or workers: the global batches
+    do not depend on them.
+    """
+
+    def __init__(self, pipeline: TrainPipeline, batches: grain.IterDataset):
+        self._pipeline = pipeline
+        self._iterator = iter(batches)
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        return next(self._iterator)
+
+    @property
+    def step(self) -> int:
+        """The index of the next batch."""
+        return grain.experimental.get_next_index(self._iterator)
+
+    def get_state(self) -> dict[str, Any]:
+        """A JSON-serialisable state for checkpoints."""
+        return {"step": self.step, **self._pipeline.signature()}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        """Continue with the batch that followed when ``state`` was taken."""
+        expected = self._pipeline.signature()
+        changed = {k: (state.get(k), v) for k, v in expected.items() if state.get(k) != v}
+        if changed:
+            raise ValueError(f"iterator state is for another pipeline (saved, now): {changed}")
+        step = state["step"]
+        if not isinstance(step, int) or step < 0:
+            raise ValueError(f"iterator state has an invalid step: {step!r}")
+        grain.experimental.set_next_index(self._iterator, step)
+
+    def close(self) -> None:
+        """Stop worker processes now rather than at garbage collection."""
+        close = getattr(self._iterator, "close", None)
+        if close is not None:
+            close()
+
+
+class PaddedSplit(Sequence):
+    """A split padded with blank examples to a whole number of global batches, with a mask."""
+
+    def __init__(self, source: Sequence, padded_length: int, blank_shape: tuple[int, int, int]):
+        self._source = source
+        self._length = padded_length
+        self._blank = {
+            "image": np.zeros(blank_shape, np.uint8),
+            "label": 0,
+            "mask": False,
+        }
+
+    def __len__(self) -> int:
+        return self._length
+
+    def __getitem__(self, index: int) -> dict[str, Any]:  # type: ignore[override]
+        if index < len(self._source):
+            return {**self._source[index], "mask": True}
+        if index < self._length:
+            return self._blank
+        raise IndexError(index)
+
+
+class EvalBatches:
+    """Every example of a split exactly once across processes, in fixed-shape masked batches.
+
+    Re-iterable (one pass per ``iter``); ``len()`` is the number of batches, the same on
+    every process.
+    """
+
+    def __init__(self, batches: grain.MapDataset):
+        self._batches = batches
+
+    def __len__(self) -> int:
+        return len(self._batches)
+
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        return iter(_iter_dataset(self._batches, worker_count=0))
+
+
+def eval_batches(
+    dataset: Dataset,
+    *,
+    split: str = "test",
+    global_batch_size: int,
+    image_size: int,
+    channels: int,
+    process_index: int | None = None,
+    process_count: int | None = None,
+) -> EvalBatches:
+    """Batches ``{"image", "label", "mask"}`` covering ``split`` once; padding has mask False."""
+    _check_shape_args(global_batch_size, image_size, channels)
+    process_index, process_count = _process_layout(process_index, process_count)
+    local_batch_size = _local_batch_size(global_batch_size, process_count)
+    source = dataset.split(split)
+    padded_length = math.ceil(len(source) / global_batch_size) * global_batch_size
+    blank_shape = (image_size, image_size, channels)
+    examples = grain.MapDataset.source(PaddedSplit(source, padded_length, blank_shape))
+    examples = examples.map(Preprocess(image_size, channels))
+    local = examples[process_index::process_count]
+    batches = local.batch(local_batch_size, drop_remainder=True)
+    return EvalBatches(batches.map(Normalize(*normalization(dataset.info, channels))))
