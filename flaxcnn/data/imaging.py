@@ -36,8 +36,9 @@ def resize_square(image: np.ndarray, size: int) -> np.ndarray:
     if height == width == size:
         return image
     pil = Image.fromarray(image[..., 0] if channels == 1 else image)
-    box = None if height == width else square_box(width, height)
-    resized = np.asarray(pil.resize((size, size), Image.Resampling.BILINEAR, box=box))
+    if height != width:
+        pil = pil.crop(square_box(width, height))  # Not resize(box=): that blends in the edges.
+    resized = np.asarray(pil.resize((size, size), Image.Resampling.BILINEAR))
     return resized[..., None] if channels == 1 else resized
 
 

@@ -11,8 +11,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import grain
 import numpy as np
 
+from flaxcnn.data.prefetch import read_ahead
 from flaxcnn.data.transforms import Preprocess
 
 MEMORY_LIMIT_BYTES = 1 << 30
@@ -37,15 +39,21 @@ def fits_in_memory(num_examples: int, image_size: int, channels: int) -> bool:
     return num_examples * image_size * image_size * channels <= MEMORY_LIMIT_BYTES
 
 
-def preprocess_in_memory(source: Sequence, image_size: int, channels: int) -> InMemorySplit:
-    """Read ``source`` in order (batched reads) and keep its preprocessed images."""
-    preprocess = Preprocess(image_size, channels)
+def preprocess_in_memory(
+    source: Sequence, image_size: int, channels: int, worker_count: int = 0
+) -> InMemorySplit:
+    """Read ``source`` once, in order, keeping its preprocessed images.
+
+    The reading runs through grain like the training pipeline itself, so ``worker_count``
+    processes share the decoding.
+    """
+    chunks = grain.MapDataset.source(source).map(Preprocess(image_size, channels))
+    chunks = chunks.batch(_READ_CHUNK)
     images = np.empty((len(source), image_size, image_size, channels), np.uint8)
     labels = np.empty(len(source), np.int64)
-    read_many = getattr(source, "__getitems__", None) or (lambda keys: [source[k] for k in keys])
-    for start in range(0, len(source), _READ_CHUNK):
-        indices = list(range(start, min(start + _READ_CHUNK, len(source))))
-        for index, example in zip(indices, read_many(indices), strict=True):
-            images[index] = preprocess.map(example)["image"]
-            labels[index] = example["label"]
+    start = 0
+    for chunk in read_ahead(chunks, worker_count):
+        stop = start + len(chunk["label"])
+        images[start:stop], labels[start:stop] = chunk["image"], chunk["label"]
+        start = stop
     return InMemorySplit(images, labels)

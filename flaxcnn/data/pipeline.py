@@ -13,21 +13,16 @@ processes or workers.
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 import grain
 import numpy as np
-from absl import flags
 
 from flaxcnn.data.dataset import Dataset
 from flaxcnn.data.memory import fits_in_memory, preprocess_in_memory
+from flaxcnn.data.prefetch import read_ahead
 from flaxcnn.data.transforms import Augment, Normalize, Preprocess, crop_padding, normalization
-
-DEFAULT_THREADS = min(4, os.cpu_count() or 1)
-# Batches buffered ahead of the consumer, per process (threads) or per worker (processes).
-PREFETCH_BATCHES = 4
 
 
 def _process_layout(index: int | None, count: int | None) -> tuple[int, int]:
@@ -59,32 +54,17 @@ def _local_batch_size(global_batch_size: int, process_count: int) -> int:
     return global_batch_size // process_count
 
 
-def _iter_dataset(
-    batches: grain.MapDataset, worker_count: int, threads: int = DEFAULT_THREADS
-) -> grain.IterDataset:
-    """Read ahead in background threads; with ``worker_count`` > 0, in worker processes too."""
-    read = grain.ReadOptions(num_threads=threads, prefetch_buffer_size=PREFETCH_BATCHES)
-    iterable = batches.to_iter_dataset(read)
-    if worker_count > 0:
-        # grain 0.2 reads an absl flag when starting workers and fails if the program never
-        # parsed flags (google/grain#1355); without absl.app, the defaults are what we want.
-        if not flags.FLAGS.is_parsed():
-            flags.FLAGS.mark_as_parsed()
-        iterable = iterable.mp_prefetch(
-            grain.MultiprocessingOptions(
-                num_workers=worker_count, per_worker_buffer_size=PREFETCH_BATCHES
-            )
-        )
-    return iterable
-
-
 class TrainPipeline:
     """Endless training batches for one process: ``iter(pipeline)`` starts at step 0.
 
     Each batch is ``{"image": float32 [local_batch, S, S, C] (normalised), "label": int32
     [local_batch]}``; batch ``step`` belongs to epoch ``step // steps_per_epoch``.
-    ``worker_count`` > 0 decodes and augments in that many grain worker processes (worth it
-    for large images); 0 reads ahead in background threads of this process.
+
+    A training split whose resized images fit in ``memory.MEMORY_LIMIT_BYTES`` (digits,
+    MNIST, CIFAR) is decoded and resized once, here; larger ones are decoded as they stream.
+    ``worker_count`` > 0 does that work and the augmentation in as many grain worker
+    processes (worth it for large images, given spare cores); 0 reads ahead in background
+    threads of this process.
     """
 
     def __init__(
@@ -125,7 +105,7 @@ class TrainPipeline:
         train = self.dataset.train
         in_memory = fits_in_memory(len(train), self.image_size, self.channels)
         if in_memory:
-            train = preprocess_in_memory(train, self.image_size, self.channels)
+            train = preprocess_in_memory(train, self.image_size, self.channels, self.worker_count)
         examples = grain.MapDataset.source(train).seed(self.seed).shuffle()
         # One epoch = the first steps_per_epoch * global_batch_size of its shuffle; grain
         # maps indices past the end to later epochs, reshuffled.
@@ -151,7 +131,7 @@ class TrainPipeline:
         }
 
     def __iter__(self) -> TrainIterator:
-        return TrainIterator(self, _iter_dataset(self._batches, self.worker_count))
+        return TrainIterator(self, read_ahead(self._batches, self.worker_count))
 
 
 class TrainIterator(Iterator[dict[str, np.ndarray]]):
@@ -233,7 +213,7 @@ class EvalBatches:
         return len(self._batches)
 
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
-        return iter(_iter_dataset(self._batches, worker_count=0))
+        return iter(read_ahead(self._batches, worker_count=0))
 
 
 def eval_batches(
