@@ -254,7 +254,11 @@ def _prepare(listing: FolderListing, target: Path, skip_corrupt: bool) -> None:
             data_dir=os.fspath(staging),
         )
         prepare_array_record(builder)
-        os.rename(builder.data_path, target)
+        try:
+            os.rename(builder.data_path, target)
+        except OSError:
+            if not _is_prepared(target):  # Else another machine sharing the disk won the race.
+                raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     for older in home.iterdir():  # Superseded preparations of this folder.
