@@ -23,7 +23,7 @@ class ModelSpec:
     `input_size`/`in_channels`/`num_classes` are the design point (e.g. 224x224x3 and 1000
     classes for ImageNet networks). `min_size` is the smallest square input that works.
     `small_input_options` are the options that adapt the network to 32x32-class images
-    (e.g. ResNet's small stem); `reference` names the entry in the published figures.
+    (e.g. ResNet's small stem).
     """
 
     name: str

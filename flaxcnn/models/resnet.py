@@ -139,7 +139,7 @@ class ResNet(nn.Module):
     def __call__(self, x: Array, train: bool) -> Array:
         x = jnp.asarray(x, self.dtype)
         conv = functools.partial(
-            nn.Conv, use_bias=False, dtype=self.dtype, kernel_init=layers.kaiming_fan_out
+            layers.Conv, use_bias=False, dtype=self.dtype, kernel_init=layers.kaiming_fan_out
         )
         norm = functools.partial(
             layers.batch_norm, train, axis_name=self.axis_name, dtype=self.dtype
