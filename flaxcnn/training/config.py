@@ -1,0 +1,152 @@
+"""Every setting of a training run, with its default and its `--help` text.
+
+`flaxcnn.train` builds its command line from these fields, so the flags, their defaults
+and the library's `TrainConfig` cannot drift apart. A run records the config it actually
+used (defaults resolved) in `WORKDIR/config.json`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+from flaxcnn.cli import UsageError
+from flaxcnn.training import optim, parallel
+
+
+def setting(default, help: str, **flag):
+    return dataclasses.field(default=default, metadata={"help": help, **flag})
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    arch: str = setting(None, "architecture to train (python -m flaxcnn.models lists them)")
+    dataset: str = setting(
+        "digits",
+        "data set: 'digits' (embedded, offline), a TFDS name such as cifar10, or "
+        "folder:PATH (one subdirectory of images per class)",
+    )
+    data_dir: str | None = setting(
+        None, "where prepared data sets live (default: $TFDS_DATA_DIR or ~/tensorflow_datasets)"
+    )
+    epochs: int = setting(10, "passes over the training split")
+    batch_size: int = setting(
+        128, "global batch: all devices of all processes together; must divide evenly"
+    )
+    optimizer: str = setting(
+        "sgd", "sgd (Nesterov momentum 0.9) or adamw", choices=optim.OPTIMIZERS
+    )
+    lr: float | None = setting(
+        None,
+        "learning rate for a global batch of 256, scaled linearly with --batch-size "
+        "(default: 0.1 for sgd, 0.001 for adamw)",
+    )
+    schedule: str = setting(
+        "cosine",
+        "cosine: linear warmup then cosine decay to 0; step: x0.1 at 50%% and 75%%; constant",
+        choices=optim.SCHEDULES,
+    )
+    warmup_epochs: float = setting(1.0, "epochs of linear warmup from 0 to the learning rate")
+    weight_decay: float | None = setting(
+        None,
+        "weight decay on conv and dense kernels, never on biases or BatchNorm "
+        "(default: 5e-4 for sgd, 0.05 for adamw)",
+    )
+    label_smoothing: float = setting(0.0, "label smoothing in [0, 1)")
+    dropout: float | None = setting(
+        None, "dropout rate, for models that have dropout (default: the model's own)"
+    )
+    dtype: str = setting(
+        "float32",
+        "compute dtype; parameters and optimizer state stay float32",
+        choices=("float32", "bfloat16"),
+    )
+    image_size: int | None = setting(
+        None,
+        "square input side (default: the data set's, raised to the model's minimum; small "
+        "images use the model's small-input stem where it has one)",
+    )
+    seed: int = setting(0, "seed for initialisation, shuffling, augmentation and dropout")
+    workdir: str | None = setting(None, "output directory (default: runs/ARCH-DATASET-TIMESTAMP)")
+    resume: bool | None = setting(
+        None,
+        "continue from the workdir's latest checkpoint (default: yes when it has one)",
+    )
+    checkpoint_every: int | None = setting(
+        None, "steps between checkpoints (default: one epoch); one is always saved at the end"
+    )
+    keep_checkpoints: int = setting(3, "how many recent checkpoints to keep (plus the best)")
+    eval_every: int = setting(1, "epochs between evaluations on the test split")
+    log_every: int = setting(10, "steps between progress-bar updates (each one syncs the host)")
+    parallel: str = setting(
+        "pmap", "data-parallel strategy over all devices", choices=parallel.STRATEGIES
+    )
+    coordinator_address: str | None = setting(
+        None, "HOST:PORT of process 0, to train over several processes/hosts"
+    )
+    num_processes: int | None = setting(None, "number of processes (with --coordinator-address)")
+    process_id: int | None = setting(None, "this process's index (with --coordinator-address)")
+    init_from: str | None = setting(
+        None,
+        "workdir or checkpoint directory of the same architecture to start from; the "
+        "classifier is re-initialised when the class count differs",
+    )
+    workers: int = setting(0, "data worker processes (0: background threads only)")
+    progress: bool = setting(True, "show a progress bar per epoch")
+
+    def validate(self) -> None:
+        """Reject bad values before anything is read or written (UsageError, exit code 2)."""
+        positive = {
+            "epochs": self.epochs,
+            "batch_size": self.batch_size,
+            "keep_checkpoints": self.keep_checkpoints,
+            "eval_every": self.eval_every,
+            "log_every": self.log_every,
+            "image_size": self.image_size,
+            "checkpoint_every": self.checkpoint_every,
+            "lr": self.lr,
+            "num_processes": self.num_processes,
+        }
+        for name, value in positive.items():
+            if value is not None and not (value > 0 and math.isfinite(value)):
+                raise UsageError(f"--{flag(name)} must be positive, got {value}")
+        non_negative = {
+            "warmup_epochs": self.warmup_epochs,
+            "weight_decay": self.weight_decay,
+            "workers": self.workers,
+            "process_id": self.process_id,
+        }
+        for name, value in non_negative.items():
+            if value is not None and not (value >= 0 and math.isfinite(value)):
+                raise UsageError(f"--{flag(name)} must be >= 0, got {value}")
+        if self.arch is None:
+            raise UsageError("--arch is required (python -m flaxcnn.models lists them)")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise UsageError(f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
+        if self.dropout is not None and not 0.0 <= self.dropout < 1.0:
+            raise UsageError(f"--dropout must be in [0, 1), got {self.dropout}")
+        for name, allowed in (
+            ("optimizer", optim.OPTIMIZERS),
+            ("schedule", optim.SCHEDULES),
+            ("parallel", parallel.STRATEGIES),
+            ("dtype", ("float32", "bfloat16")),
+        ):
+            if getattr(self, name) not in allowed:
+                raise UsageError(
+                    f"unknown --{name} {getattr(self, name)!r}; choose from {', '.join(allowed)}"
+                )
+        multi = (self.coordinator_address, self.num_processes, self.process_id)
+        if any(v is not None for v in multi) and not all(v is not None for v in multi):
+            raise UsageError("--coordinator-address, --num-processes and --process-id go together")
+        if self.num_processes is not None and self.process_id >= self.num_processes:
+            raise UsageError(
+                f"--process-id must be below --num-processes ({self.num_processes}), "
+                f"got {self.process_id}"
+            )
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def flag(name: str) -> str:
+    return name.replace("_", "-")

@@ -1,0 +1,63 @@
+"""Optimizers and learning-rate schedules.
+
+The learning rate given by the user is the rate for a global batch of 256 and is scaled
+linearly with the actual global batch (Goyal et al., 2017), so that changing the batch
+size or the number of devices does not call for a new learning rate.
+"""
+
+from __future__ import annotations
+
+import jax
+import optax
+
+OPTIMIZERS = ("sgd", "adamw")
+SCHEDULES = ("cosine", "step", "constant")
+DEFAULT_LR = {"sgd": 0.1, "adamw": 1e-3}  # per 256 images
+DEFAULT_WEIGHT_DECAY = {"sgd": 5e-4, "adamw": 0.05}
+REFERENCE_BATCH = 256
+
+
+def scaled_lr(base_lr: float, global_batch_size: int) -> float:
+    return base_lr * global_batch_size / REFERENCE_BATCH
+
+
+def make_schedule(name: str, peak_lr: float, total_steps: int, warmup_steps: int) -> optax.Schedule:
+    """Linear warmup from 0, then cosine to 0 / x0.1 steps at 50% and 75% / constant."""
+    if name not in SCHEDULES:
+        raise ValueError(f"unknown schedule {name!r}; choose from {', '.join(SCHEDULES)}")
+    warmup_steps = min(warmup_steps, max(total_steps - 1, 0))
+    rest = max(total_steps - warmup_steps, 1)
+    if name == "cosine":
+        after = optax.cosine_decay_schedule(peak_lr, rest)
+    elif name == "step":
+        after = optax.piecewise_constant_schedule(
+            peak_lr, {int(rest * 0.5): 0.1, int(rest * 0.75): 0.1}
+        )
+    else:
+        after = optax.constant_schedule(peak_lr)
+    if warmup_steps == 0:
+        return after
+    warmup = optax.linear_schedule(0.0, peak_lr, warmup_steps)
+    return optax.join_schedules([warmup, after], [warmup_steps])
+
+
+def decay_mask(params) -> object:
+    """Weight decay on convolution and dense kernels only: never on biases or BatchNorm."""
+    return jax.tree.map(lambda p: p.ndim > 1, params)
+
+
+def make_optimizer(
+    name: str,
+    schedule: optax.Schedule,
+    weight_decay: float,
+    momentum: float = 0.9,
+) -> optax.GradientTransformation:
+    """SGD with Nesterov momentum (and L2 decay), or AdamW (decoupled decay)."""
+    if name == "sgd":
+        return optax.chain(
+            optax.add_decayed_weights(weight_decay, mask=decay_mask),
+            optax.sgd(schedule, momentum=momentum, nesterov=True),
+        )
+    if name == "adamw":
+        return optax.adamw(schedule, weight_decay=weight_decay, mask=decay_mask)
+    raise ValueError(f"unknown optimizer {name!r}; choose from {', '.join(OPTIMIZERS)}")

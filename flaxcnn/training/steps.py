@@ -1,0 +1,99 @@
+"""One training step and one evaluation step, written for a single device's shard.
+
+Both run under a named data axis (`jax.pmap` or `jax.shard_map`, see `parallel.py`): the
+gradient is averaged over the axis with `lax.pmean`, BatchNorm averages its statistics
+over it (the model is built with the same axis name), and the metrics are summed over it.
+Metrics are sums (loss x examples, correct, examples) so that they add up exactly across
+steps, devices and hosts; means are taken on the host at log points.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from flaxcnn import losses
+from flaxcnn.training.state import TrainState
+
+AXIS = "batch"
+AUX_LOSS_WEIGHT = 0.3
+FIRST_NONFINITE = "first_nonfinite_step"  # GoogLeNet's auxiliary classifiers (Szegedy et al., 2015)
+
+Metrics = dict[str, jax.Array]
+
+
+def split_outputs(outputs: Any) -> tuple[jax.Array, tuple[jax.Array, ...]]:
+    """Logits and auxiliary logits (GoogLeNet in train mode returns both)."""
+    if isinstance(outputs, tuple):
+        logits, aux = outputs
+        return logits, tuple(aux)
+    return outputs, ()
+
+
+def train_step(
+    state: TrainState, batch: dict[str, jax.Array], label_smoothing: float = 0.0
+) -> tuple[TrainState, Metrics]:
+    labels = batch["label"]
+    # A different dropout key on every step and on every device.
+    key = jax.random.wrap_key_data(state.rng)
+    key = jax.random.fold_in(jax.random.fold_in(key, state.step), lax.axis_index(AXIS))
+
+    def loss_fn(params):
+        outputs, updates = state.apply_fn(
+            {"params": params, "batch_stats": state.batch_stats},
+            batch["image"],
+            train=True,
+            rngs={"dropout": key},
+            mutable=["batch_stats"],
+        )
+        logits, aux = split_outputs(outputs)
+        loss = losses.cross_entropy(logits, labels, label_smoothing)
+        for aux_logits in aux:
+            loss += AUX_LOSS_WEIGHT * losses.cross_entropy(aux_logits, labels, label_smoothing)
+        return loss, (logits, updates.get("batch_stats", {}))
+
+    (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    grads = lax.pmean(grads, AXIS)
+    state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
+    n = jnp.float32(labels.shape[0])
+    metrics = {
+        "loss": loss * n,
+        "correct": jnp.sum(jnp.argmax(logits, -1) == labels).astype(jnp.float32),
+        "count": n,
+    }
+    metrics = lax.psum(metrics, AXIS)
+    # Kept on device so that a NaN is caught (and named) at the next log point without a
+    # host sync on every step: the step number where it happened, else +inf.
+    bad = jnp.where(jnp.isfinite(loss), jnp.inf, (state.step).astype(jnp.float32))
+    metrics[FIRST_NONFINITE] = lax.pmin(bad, AXIS)
+    return state, metrics
+
+
+def eval_step(state: TrainState, batch: dict[str, jax.Array]) -> Metrics:
+    """Sums over the real examples of the batch: padding (mask False) counts for nothing."""
+    logits = state.apply_fn(
+        {"params": state.params, "batch_stats": state.batch_stats}, batch["image"], train=False
+    )
+    labels, mask = batch["label"], batch["mask"]
+    weight = mask.astype(jnp.float32)
+    per_example = -losses.true_class_log_prob(
+        jax.nn.log_softmax(logits.astype(jnp.float32)), labels
+    )
+    top5 = lax.top_k(logits, min(5, logits.shape[-1]))[1]
+    metrics = {
+        "loss": jnp.sum(jnp.where(mask, per_example, 0.0)),
+        "correct": jnp.sum((jnp.argmax(logits, -1) == labels) * weight),
+        "correct_top5": jnp.sum(jnp.any(top5 == labels[:, None], axis=-1) * weight),
+        "count": jnp.sum(weight),
+    }
+    return lax.psum(metrics, AXIS)
+
+
+def predict_step(state: TrainState, images: jax.Array) -> jax.Array:
+    """Logits in eval mode (used by `flaxcnn.evaluate`)."""
+    return state.apply_fn(
+        {"params": state.params, "batch_stats": state.batch_stats}, images, train=False
+    )
