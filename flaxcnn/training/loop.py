@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import math
 import os
 import signal
 import sys
@@ -462,12 +461,9 @@ def _loop(
     show = config.progress and primary
 
     def epoch_sums(acc) -> dict[str, float]:
-        sums = par.get_metrics(acc) if acc is not None else {}
-        for key, value in (carried or {}).items():
-            merge = min if key == steps.FIRST_NONFINITE else (lambda a, b: a + b)
-            sums[key] = merge(sums[key], value) if key in sums else value
-        bad = sums.get(steps.FIRST_NONFINITE, math.inf)
-        if math.isfinite(bad):
+        sums = par.get_metrics(acc) if acc is not None else dict(carried or {})
+        bad = sums.get(steps.FIRST_NONFINITE, steps.ALL_FINITE)
+        if bad < steps.ALL_FINITE:
             raise TrainingError(
                 f"the loss became non-finite at step {int(bad)}; the last good checkpoint is "
                 f"kept in {ckpts.directory}: lower --lr or check the data"
@@ -491,6 +487,10 @@ def _loop(
         )  # fmt: skip
         while step < (epoch + 1) * spe:
             dstate, metrics = par.train_step(dstate, par.put_batch(next(batches)))
+            if acc is None and carried:
+                # Resumed mid-epoch: continue the float32 sums exactly where they stopped,
+                # so the epoch's numbers are bit-identical to an uninterrupted run's.
+                acc = jax.tree.map(lambda m, c: jnp.full_like(m, np.float32(c)), metrics, carried)
             acc = accumulate(acc, metrics)
             step += 1
             bar.update()

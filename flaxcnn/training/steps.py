@@ -19,8 +19,9 @@ from flaxcnn import losses
 from flaxcnn.training.state import TrainState
 
 AXIS = "batch"
-AUX_LOSS_WEIGHT = 0.3
-FIRST_NONFINITE = "first_nonfinite_step"  # GoogLeNet's auxiliary classifiers (Szegedy et al., 2015)
+AUX_LOSS_WEIGHT = 0.3  # GoogLeNet's auxiliary classifiers (Szegedy et al., 2015)
+FIRST_NONFINITE = "first_nonfinite_step"
+ALL_FINITE = float(jnp.finfo(jnp.float32).max)  # FIRST_NONFINITE when there was none
 
 Metrics = dict[str, jax.Array]
 
@@ -66,8 +67,9 @@ def train_step(
     }
     metrics = lax.psum(metrics, AXIS)
     # Kept on device so that a NaN is caught (and named) at the next log point without a
-    # host sync on every step: the step number where it happened, else +inf.
-    bad = jnp.where(jnp.isfinite(loss), jnp.inf, (state.step).astype(jnp.float32))
+    # host sync on every step: the step number where it happened, else ALL_FINITE (finite,
+    # so that the running sums stay JSON-serialisable in checkpoints).
+    bad = jnp.where(jnp.isfinite(loss), ALL_FINITE, state.step.astype(jnp.float32))
     metrics[FIRST_NONFINITE] = lax.pmin(bad, AXIS)
     return state, metrics
 
