@@ -1,0 +1,198 @@
+"""`python -m flaxcnn.plot WORKDIR [WORKDIR ...]`: loss and accuracy curves of runs, one PNG.
+
+Each run's `metrics.jsonl` gives a train and a test curve per panel (loss, top-1 accuracy)
+against the epoch; several runs share the figure, one colour per run, so that runs can be
+compared at a glance. The figure is drawn with matplotlib's Agg canvas directly (no pyplot,
+no display, no global backend switch that would disturb a notebook's own plots).
+
+The PNG helpers here (`check_output`, `save_png`) are shared with `flaxcnn.evaluate`: an
+output is checked before any slow work, and written to a temporary file renamed into place,
+so that a crash never leaves half a PNG and nothing else in a workdir is touched.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import secrets
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from flaxcnn import cli
+
+DEFAULT_NAME = "loss_accuracy.png"
+METRICS_FILE = "metrics.jsonl"
+DPI = 100
+
+PathLike = str | os.PathLike
+
+
+def check_workdir(workdir: PathLike) -> Path:
+    """`workdir` as a Path, or UsageError when it is missing or not a directory."""
+    path = Path(workdir)
+    if not path.exists():
+        raise cli.UsageError(f"workdir {path} does not exist")
+    if not path.is_dir():
+        raise cli.UsageError(f"workdir {path} is not a directory")
+    return path
+
+
+def check_output(output: PathLike) -> Path:
+    """`output` as a Path, or UsageError when a PNG could not be written there.
+
+    Called before the slow work, so that a typo in --output costs nothing.
+    """
+    path = Path(output)
+    if path.is_dir():
+        raise cli.UsageError(f"cannot write {path}: it is a directory")
+    parent = path.parent
+    if not parent.is_dir():
+        raise cli.UsageError(f"cannot write {path}: {parent} is not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise cli.UsageError(f"cannot write {path}: {parent} is not writable")
+    return path
+
+
+def new_figure(width: float, height: float) -> Figure:
+    """A figure on its own Agg canvas: never shown, independent of pyplot's state."""
+    figure = Figure(figsize=(width, height), dpi=DPI, layout="constrained")
+    FigureCanvasAgg(figure)
+    return figure
+
+
+def save_png(figure: Figure, output: PathLike) -> Path:
+    """Write `figure` as a PNG through a temporary file renamed into place (atomic)."""
+    output = check_output(output)
+    tmp = output.with_name(f".{output.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    try:
+        # os.open applies the umask, so the PNG gets the permissions of any new file.
+        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), "wb") as f:
+            figure.savefig(f, format="png", dpi=DPI)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, output)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise cli.UsageError(f"cannot write {output}: {e.strerror or e}") from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return output
+
+
+def find_metrics(workdir: PathLike) -> Path:
+    """The workdir's `metrics.jsonl`, or UsageError when there is none."""
+    path = check_workdir(workdir)
+    file = path / METRICS_FILE
+    if not file.is_file():
+        raise cli.UsageError(f"{path} has no {METRICS_FILE} (is it a training workdir?)")
+    return file
+
+
+def read_run(workdir: PathLike) -> tuple[str, list[dict]]:
+    """A run's legend label ("name (arch)") and its metric records.
+
+    UsageError for a missing workdir, a missing, empty or unreadable `metrics.jsonl`.
+    """
+    file = find_metrics(workdir)
+    # Imported here: flaxcnn.training loads the whole trainer (seconds), which the checks
+    # above and --help should not wait for.
+    from flaxcnn.training import metrics
+
+    try:
+        records = metrics.read(file)
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise cli.UsageError(f"cannot read {file}: {e}") from None
+    if not records:
+        raise cli.UsageError(f"{file} holds no records yet")
+    return run_label(file.parent), records
+
+
+def run_label(workdir: Path) -> str:
+    """The workdir's name, with the architecture from its `config.json` where there is one."""
+    name = workdir.resolve().name
+    try:
+        arch = json.loads((workdir / "config.json").read_text()).get("arch")
+    except (OSError, ValueError, AttributeError):
+        arch = None
+    return f"{name} ({arch})" if arch else name
+
+
+def curve(records: list[dict], split: str, key: str) -> tuple[list[int], list[float]]:
+    """(epochs, values) of `key` for `split`, in epoch order; the last record of an epoch wins."""
+    by_epoch = {
+        r["epoch"]: r[key]
+        for r in records
+        if r.get("split") == split and isinstance(r.get(key), int | float) and "epoch" in r
+    }
+    epochs = sorted(by_epoch)
+    return epochs, [by_epoch[e] for e in epochs]
+
+
+def draw_runs(runs: Sequence[tuple[str, list[dict]]]) -> Figure:
+    """Loss (left) and accuracy (right) against epoch: solid train, dashed test, a colour a run."""
+    figure = new_figure(11, 4.5 + 0.25 * len(runs))
+    loss_ax, acc_ax = figure.subplots(1, 2)
+    colors = [f"C{i % 10}" for i in range(len(runs))]
+    for (label, records), color in zip(runs, colors, strict=True):
+        for ax, key in ((loss_ax, "loss"), (acc_ax, "accuracy")):
+            for split, style in (("train", "-"), ("test", "--")):
+                epochs, values = curve(records, split, key)
+                if epochs:
+                    ax.plot(epochs, values, style, marker="o", markersize=3, color=color,
+                            label=f"{label} {split}")  # fmt: skip
+    loss_ax.set(title="loss", xlabel="epoch", ylabel="cross-entropy")
+    acc_ax.set(title="top-1 accuracy", xlabel="epoch", ylabel="accuracy", ylim=(0, 1.02))
+    for ax in (loss_ax, acc_ax):
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.grid(alpha=0.3)
+    # Below both panels, outside them: many runs must not hide the curves.
+    figure.legend(*loss_ax.get_legend_handles_labels(), loc="outside lower center",
+                  ncols=min(4, 2 * len(runs)), fontsize="small")  # fmt: skip
+    return figure
+
+
+def plot_runs(workdirs: Sequence[PathLike], output: PathLike | None = None) -> Path:
+    """Plot the runs in `workdirs` on one figure; returns the PNG's path.
+
+    `output` defaults to `loss_accuracy.png` in the first workdir. Raises UsageError (and
+    writes nothing) for a missing workdir or metrics file, or an unwritable output.
+    """
+    if not workdirs:
+        raise cli.UsageError("give at least one workdir")
+    files = [find_metrics(w) for w in workdirs]  # every cheap check before any slow work
+    output = check_output(files[0].parent / DEFAULT_NAME if output is None else output)
+    runs = [read_run(w) for w in workdirs]
+    return save_png(draw_runs(runs), output)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = cli.ArgumentParser(
+        prog="python -m flaxcnn.plot",
+        description="Plot the loss and accuracy curves (train and test, against epoch) of one "
+        "or more training runs on one figure, written as a PNG.",
+    )
+    parser.add_argument("workdirs", nargs="+", metavar="WORKDIR", help="training workdirs")
+    parser.add_argument(
+        "--output",
+        help=f"PNG to write (default: {DEFAULT_NAME} in the first workdir)",
+    )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        path = plot_runs(args.workdirs, args.output)
+    except cli.UsageError as e:
+        cli.fail(str(e))
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
