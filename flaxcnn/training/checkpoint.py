@@ -30,7 +30,13 @@ class Checkpoints:
         )
         options = ocp.CheckpointManagerOptions(
             preservation_policy=preservation,
+            # best_fn makes the manager record each save's metrics, which BestN and
+            # best_step() read (also after a restart).
+            best_fn=lambda m: m[BEST_METRIC],
+            best_mode="max",
             enable_async_checkpointing=False,
+            # A kill during a save leaves a temporary directory: removed on the next start.
+            cleanup_tmp_directories=not read_only,
             create=not read_only,
             read_only=read_only,
         )

@@ -29,7 +29,7 @@ class TrainConfig:
     data_dir: str | None = setting(
         None, "where prepared data sets live (default: $TFDS_DATA_DIR or ~/tensorflow_datasets)"
     )
-    epochs: int = setting(10, "passes over the training split")
+    epochs: int = setting(30, "passes over the training split")
     batch_size: int = setting(
         128, "global batch: all devices of all processes together; must divide evenly"
     )

@@ -1,10 +1,14 @@
 """Several processes (hosts) training one model: `jax.distributed` set-up.
 
 Every process runs the same command with its own `--process-id`; each reads its own
-shard of the data and `pmap`/`shard_map` span the devices of all processes. The flags
-fall back to the environment variables JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and
-JAX_PROCESS_ID, and on clusters JAX detects itself (Slurm, Open MPI, TPU pods) no flag
-is needed beyond the coordinator's address.
+shard of the data and `pmap`/`shard_map` span the devices of all processes. The three
+flags go together; without them, the environment variables JAX_COORDINATOR_ADDRESS,
+JAX_NUM_PROCESSES and JAX_PROCESS_ID serve, and on clusters that JAX detects itself
+(Slurm, Open MPI, TPU pods) JAX_COORDINATOR_ADDRESS alone is enough.
+
+Between CPU processes (tests, laptops) the collectives go through gloo. Process 0 alone
+writes `config.json`, `metrics.jsonl`, TensorBoard events and the console output; every
+process takes part in saving and restoring checkpoints, as orbax requires.
 """
 
 from __future__ import annotations
@@ -15,26 +19,49 @@ import jax
 
 from flaxcnn.cli import UsageError
 
+ENV = {
+    "coordinator_address": "JAX_COORDINATOR_ADDRESS",
+    "num_processes": "JAX_NUM_PROCESSES",
+    "process_id": "JAX_PROCESS_ID",
+}
+
 
 def settings(config) -> tuple[str | None, int | None, int | None]:
-    address = config.coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS")
-    count = config.num_processes
-    index = config.process_id
-    if count is None and "JAX_NUM_PROCESSES" in os.environ:
-        count = int(os.environ["JAX_NUM_PROCESSES"])
-    if index is None and "JAX_PROCESS_ID" in os.environ:
-        index = int(os.environ["JAX_PROCESS_ID"])
-    return address, count, index
+    """(address, process count, process index): the flags, else the environment."""
+    address = config.coordinator_address or os.environ.get(ENV["coordinator_address"]) or None
+    values = []
+    for name in ("num_processes", "process_id"):
+        value = getattr(config, name)
+        text = os.environ.get(ENV[name], "")
+        if value is None and text.strip():
+            try:
+                value = int(text)
+            except ValueError:
+                raise UsageError(f"{ENV[name]} must be an integer, got {text!r}") from None
+        values.append(value)
+    return address, values[0], values[1]
 
 
 def initialize(config) -> None:
-    """Join the other processes, before anything asks JAX for its devices."""
+    """Join the other processes, before anything asks JAX for its devices.
+
+    Bad settings raise UsageError (exit code 2) here, before any waiting for the others.
+    """
     address, count, index = settings(config)
     if address is None or jax.distributed.is_initialized():
         return
-    if ":" not in address:
+    config.validate()  # every flag, not only these: fail before waiting for the others
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
         raise UsageError(f"--coordinator-address must be HOST:PORT, got {address!r}")
-    if jax.config.jax_platforms in (None, "", "cpu") or os.environ.get("JAX_PLATFORMS") == "cpu":
-        # Collectives between CPU processes (tests, laptops) go through gloo.
+    if count is not None and count < 1:
+        raise UsageError(f"the number of processes must be positive, got {count}")
+    if index is not None and (index < 0 or (count is not None and index >= count)):
+        raise UsageError(f"process id {index} is not in range for {count} processes")
+    if jax.config.jax_cpu_collectives_implementation in (None, "", "none"):
+        # Without a cross-process implementation, CPU computations cannot communicate.
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(address, num_processes=count, process_id=index)
+    try:
+        jax.distributed.initialize(address, num_processes=count, process_id=index)
+    except ValueError as e:  # e.g. no process count given and no cluster detected
+        raise UsageError(f"cannot start jax.distributed at {address}: {e}") from None

@@ -164,8 +164,11 @@ def run_meta(setup: Setup) -> dict:
     }
 
 
-def check_workdir(workdir: Path, checkpoints: Path, config: TrainConfig) -> bool:
-    """Whether to resume; refuses (UsageError) anything that would damage an existing run."""
+def inspect_workdir(workdir: Path, checkpoints: Path, config: TrainConfig) -> bool:
+    """Whether to resume; refuses (UsageError) anything that would damage an existing run.
+
+    Reads only: nothing is created or written until every check has passed.
+    """
     has_checkpoint = checkpoints.is_dir() and any(p.name.isdigit() for p in checkpoints.iterdir())
     if workdir.exists() and not workdir.is_dir():
         raise UsageError(f"--workdir {workdir} exists and is not a directory")
@@ -185,6 +188,10 @@ def check_workdir(workdir: Path, checkpoints: Path, config: TrainConfig) -> bool
             raise UsageError(
                 f"{workdir} holds a {arch} run, not {config.arch}; choose another --workdir"
             )
+    return has_checkpoint
+
+
+def make_workdir(workdir: Path) -> None:
     try:
         workdir.mkdir(parents=True, exist_ok=True)
         probe = workdir / f".write-test-{os.getpid()}"
@@ -192,7 +199,6 @@ def check_workdir(workdir: Path, checkpoints: Path, config: TrainConfig) -> bool
         probe.unlink()
     except OSError as e:
         raise UsageError(f"cannot write to --workdir {workdir}: {e.strerror}") from None
-    return has_checkpoint
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:
@@ -217,7 +223,8 @@ def load_init_from(path: str, setup: Setup, state: TrainState) -> tuple[TrainSta
     if not directory.is_dir():
         raise UsageError(f"--init-from {path}: no such directory")
     ckpts = Checkpoints(directory, read_only=True)
-    step = ckpts.best_step() or ckpts.latest_step()
+    step = ckpts.best_step()
+    step = ckpts.latest_step() if step is None else step
     if step is None:
         raise UsageError(f"--init-from {path}: no checkpoint found there")
     meta = ckpts.read_meta(step)
@@ -339,7 +346,7 @@ def train(config: TrainConfig, out: Callable[[str], None] = print) -> dict[str, 
     setup = prepare(config)
     primary = jax.process_index() == 0
     ckpt_dir = setup.workdir / "checkpoints"
-    resume = check_workdir(setup.workdir, ckpt_dir, config)
+    resume = inspect_workdir(setup.workdir, ckpt_dir, config)
 
     model = build_model(setup, axis_name=steps.AXIS)
     schedule = optim.make_schedule(
@@ -355,7 +362,11 @@ def train(config: TrainConfig, out: Callable[[str], None] = print) -> dict[str, 
         raise UsageError(str(e)) from None
     state = state.replace(apply_fn=model.apply)
     meta = run_meta(setup)
+    replaced: list[str] = []
+    if config.init_from and not resume:
+        state, replaced = load_init_from(config.init_from, setup, state)
 
+    make_workdir(setup.workdir)
     ckpts = Checkpoints(ckpt_dir, keep=config.keep_checkpoints)
     start_step, carried, data_state = 0, None, None
     if resume:
@@ -370,10 +381,8 @@ def train(config: TrainConfig, out: Callable[[str], None] = print) -> dict[str, 
         state = serialization.from_state_dict(state, restored)
         start_step = int(state.step)
         carried = saved.get("epoch_sums")
-    elif config.init_from:
-        state, replaced = load_init_from(config.init_from, setup, state)
-        if replaced and primary:
-            out(f"--init-from: re-initialised {', '.join(replaced)} (shape differs)")
+    if replaced and primary:
+        out(f"--init-from: re-initialised {', '.join(replaced)} (shape differs)")
 
     if primary:
         write_json_atomic(setup.workdir / "config.json", resolved_config(setup))
@@ -420,6 +429,7 @@ def resolved_config(setup: Setup) -> dict:
     resolved = dataclasses.replace(
         c,
         workdir=str(setup.workdir),
+        data_dir=str(c.data_dir or data.default_data_dir()),
         image_size=setup.image_size,
         lr=c.lr if c.lr is not None else optim.DEFAULT_LR[c.optimizer],
         weight_decay=setup.weight_decay,

@@ -80,14 +80,7 @@ class PmapParallel(DataParallel):
         return jax.tree.map(lambda x: np.asarray(x.addressable_data(0))[0], state)
 
     def put_batch(self, batch):
-        def split(x):
-            if x.shape[0] % self.local_devices:
-                raise ValueError(
-                    f"a batch of {x.shape[0]} does not split over {self.local_devices} devices"
-                )
-            return x.reshape(self.local_devices, -1, *x.shape[1:])
-
-        return {k: split(v) for k, v in batch.items()}
+        return {k: interleave(v, self.local_devices) for k, v in batch.items()}
 
 
 class ShardMapParallel(DataParallel):
@@ -121,9 +114,23 @@ class ShardMapParallel(DataParallel):
     def put_batch(self, batch):
         def place(x):
             global_shape = (x.shape[0] * jax.process_count(), *x.shape[1:])
+            x = interleave(x, jax.local_device_count()).reshape(x.shape)
             return jax.make_array_from_process_local_data(self.sharded, x, global_shape)
 
         return {k: place(v) for k, v in batch.items()}
+
+
+def interleave(x: np.ndarray, n: int) -> np.ndarray:
+    """`[n, len(x) // n, ...]`, part `d` being every n-th example from `d`.
+
+    Each process takes every process_count-th example of a global batch (data/pipeline.py);
+    splitting a process's batch over its devices the same way puts the same examples, in
+    the same order, on device `d` of 1 process x N devices and of N processes x 1 device,
+    so that the two give the same numbers, not only the same up to rounding.
+    """
+    if x.shape[0] % n:
+        raise ValueError(f"a batch of {x.shape[0]} does not split over {n} devices")
+    return x.reshape(-1, n, *x.shape[1:]).swapaxes(0, 1)
 
 
 def make(name: str, label_smoothing: float = 0.0) -> DataParallel:

@@ -1,0 +1,298 @@
+"""End-to-end training through the CLI: equivalences, exact resume, signals, bad input.
+
+Runs are subprocesses so that each gets its own device count (XLA_FLAGS) and so that
+`kill -9` and SIGTERM are real. A small BatchNorm network (resnet20 at 8x8) keeps every
+run to seconds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from flaxcnn.training import metrics as metrics_io
+
+TIMING = ("images_per_sec",)
+BASE = [
+    "--arch", "resnet20", "--image-size", "8", "--batch-size", "32",
+    "--seed", "3", "--no-progress", "--log-every", "5",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory) -> Path:
+    """The digits prepared once for every run of the session."""
+    from flaxcnn import data
+
+    path = tmp_path_factory.mktemp("tfds")
+    data.load("digits", data_dir=path)
+    return path
+
+
+def env_for(devices: int, data_dir: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    env["JAX_PLATFORMS"] = "cpu"
+    env["TFDS_DATA_DIR"] = str(data_dir)
+    env.pop("JAX_NUM_CPU_DEVICES", None)
+    return env
+
+
+def start(args, data_dir, devices=1) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "flaxcnn.train", *args],
+        env=env_for(devices, data_dir),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def run(args, data_dir, devices=1, timeout=300) -> subprocess.CompletedProcess:
+    proc = start(args, data_dir, devices)
+    out, err = proc.communicate(timeout=timeout)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def train_ok(args, data_dir, devices=1) -> subprocess.CompletedProcess:
+    result = run(args, data_dir, devices)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def records(workdir: Path, drop_timing: bool = True) -> list[dict]:
+    rows = metrics_io.read(workdir)
+    if drop_timing:
+        rows = [{k: v for k, v in r.items() if k not in TIMING} for r in rows]
+    return rows
+
+
+def assert_metrics_close(a: list[dict], b: list[dict], rtol: float) -> None:
+    assert len(a) == len(b)
+    for ra, rb in zip(a, b, strict=True):
+        assert ra.keys() == rb.keys()
+        for key in ra:
+            if isinstance(ra[key], str):
+                assert ra[key] == rb[key]
+            else:
+                np.testing.assert_allclose(ra[key], rb[key], rtol=rtol, atol=1e-6, err_msg=key)
+
+
+def test_one_device_four_devices_pmap_and_shard_map_agree(data_dir, tmp_path):
+    """Same global batch and seed: 1 device == 4 devices (pmap) == 4 devices (shard_map).
+
+    One step agrees to ~1e-7 (see test_steps.py); over many steps at a large learning
+    rate, training amplifies the float rounding of different reduction orders, so the
+    end-to-end runs use a small one and 1e-4.
+    """
+    args = [*BASE, "--epochs", "1", "--lr", "0.0005", "--batch-size", "64"]
+    one = train_ok([*args, "--workdir", str(tmp_path / "one")], data_dir, devices=1)
+    train_ok([*args, "--workdir", str(tmp_path / "four")], data_dir, devices=4)
+    train_ok(
+        [*args, "--workdir", str(tmp_path / "smap"), "--parallel", "shard_map"],
+        data_dir,
+        devices=4,
+    )
+    reference = records(tmp_path / "one")
+    assert [r["split"] for r in reference] == ["train", "test"]
+    assert_metrics_close(reference, records(tmp_path / "four"), rtol=1e-4)
+    assert_metrics_close(records(tmp_path / "four"), records(tmp_path / "smap"), rtol=1e-4)
+    assert one.stdout.strip().splitlines()[-1].startswith("test accuracy: ")
+    config = json.loads((tmp_path / "four" / "config.json").read_text())
+    assert config["devices"] == 4 and config["batch_size"] == 64 and config["image_size"] == 8
+
+
+def test_same_seed_same_metrics_and_outputs(data_dir, tmp_path):
+    args = [*BASE, "--epochs", "2", "--arch", "netresdeep", "--dropout", "0.2"]
+    train_ok([*args, "--workdir", str(tmp_path / "a")], data_dir)
+    train_ok([*args, "--workdir", str(tmp_path / "b")], data_dir)
+    assert records(tmp_path / "a") == records(tmp_path / "b")
+    files = {p.name for p in (tmp_path / "a").iterdir()}
+    assert {"config.json", "metrics.jsonl", "checkpoints", "tensorboard"} <= files
+    rows = records(tmp_path / "a", drop_timing=False)
+    train_rows = [r for r in rows if r["split"] == "train"]
+    assert all(r["images_per_sec"] > 0 and r["lr"] >= 0 for r in train_rows)
+    assert [r["epoch"] for r in rows] == [1, 1, 2, 2]
+    events = list((tmp_path / "a" / "tensorboard").glob("events.out.tfevents.*"))
+    assert events and events[0].stat().st_size > 0
+
+
+def finished_checkpoints(workdir: Path) -> list[int]:
+    """Steps of the committed checkpoints (orbax renames a finished one to its step)."""
+    return [
+        int(p.name)
+        for p in (workdir / "checkpoints").glob("*")
+        if p.name.isdigit() and (p / "_CHECKPOINT_METADATA").exists()
+    ]
+
+
+def wait_for_checkpoint(workdir: Path, proc: subprocess.Popen, min_step: int) -> int:
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:
+        steps = finished_checkpoints(workdir)
+        if steps and max(steps) >= min_step:
+            return max(steps)
+        if proc.poll() is not None:
+            raise AssertionError(f"run ended before a checkpoint: {proc.stderr.read()[-2000:]}")
+        time.sleep(0.05)
+    raise AssertionError("no checkpoint appeared in time")
+
+
+RESUMABLE = [*BASE, "--epochs", "3", "--checkpoint-every", "7"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(data_dir, tmp_path_factory) -> list[dict]:
+    workdir = tmp_path_factory.mktemp("full")
+    train_ok([*RESUMABLE, "--workdir", str(workdir)], data_dir)
+    return records(workdir)
+
+
+@pytest.mark.parametrize("how", ["kill -9", "SIGTERM"])
+def test_interrupted_run_resumes_to_identical_metrics(data_dir, tmp_path, how, uninterrupted):
+    """Killed mid-epoch, resumed: the metrics equal an uninterrupted run's exactly."""
+    args = RESUMABLE
+
+    part = tmp_path / "part"
+    proc = start([*args, "--workdir", str(part)], data_dir)
+    saved = wait_for_checkpoint(part, proc, min_step=7)
+    proc.send_signal(signal.SIGKILL if how == "kill -9" else signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    if how == "kill -9":
+        assert proc.returncode == -signal.SIGKILL
+    else:
+        assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
+        assert "checkpoint saved. Resume with: python -m flaxcnn.train" in out
+    total_steps = json.loads((part / "config.json").read_text())["total_steps"]
+    interrupted_at = max(finished_checkpoints(part))  # a kill mid-save leaves a tmp dir
+    assert saved <= interrupted_at < total_steps, "the run was not interrupted mid-way"
+
+    resumed = train_ok([*args, "--workdir", str(part)], data_dir)
+    assert f"resuming     from step {interrupted_at}" in resumed.stdout
+    assert records(part) == uninterrupted
+
+
+def test_nonfinite_loss_stops_with_the_step_and_keeps_good_checkpoints(data_dir, tmp_path):
+    workdir = tmp_path / "nan"
+    result = run(
+        ["--arch", "lenet5", "--lr", "1e30", "--checkpoint-every", "1", "--workdir",
+         str(workdir), "--no-progress", "--epochs", "1"],
+        data_dir,
+    )  # fmt: skip
+    assert result.returncode == 1
+    message = result.stderr.strip().splitlines()[-1]
+    assert message.startswith("error: the loss became non-finite at step ")
+    bad_step = int(message.split("at step ")[1].split(";")[0])
+    kept = finished_checkpoints(workdir)
+    assert kept and max(kept) < bad_step
+    assert "Traceback" not in result.stderr
+
+
+def test_init_from_replaces_the_classifier_when_classes_differ(data_dir, tmp_path):
+    from flaxcnn.training import TrainConfig, train
+
+    source = tmp_path / "source"
+    lines: list[str] = []
+    config = TrainConfig(
+        arch="lenet5", epochs=1, workdir=str(source), data_dir=str(data_dir), progress=False
+    )
+    first = train(config, out=lines.append)
+    assert lines[-1] == f"test accuracy: {first['accuracy']:.4f}"
+    # Same classes: everything is loaded, and training goes on from there.
+    lines.clear()
+    again = TrainConfig(
+        arch="lenet5", epochs=1, workdir=str(tmp_path / "again"), data_dir=str(data_dir),
+        init_from=str(source), progress=False, lr=1e-9, warmup_epochs=0,
+    )  # fmt: skip
+    result = train(again, out=lines.append)
+    assert not any("re-initialised" in line for line in lines)
+    assert abs(result["accuracy"] - first["accuracy"]) < 0.02
+
+
+BAD_INPUT = [
+    (["--arch", "resnet"], "unknown architecture 'resnet'"),
+    (["--arch", "lenet5", "--dataset", "nope"], "nope"),
+    (["--arch", "lenet5", "--optimizer", "adam"], "invalid choice: 'adam'"),
+    (["--arch", "lenet5", "--epochs", "0"], "--epochs must be positive"),
+    (["--arch", "lenet5", "--lr", "-1"], "--lr must be positive"),
+    (["--arch", "lenet5", "--batch-size", "30"], "does not divide evenly over 4 devices"),
+    (["--arch", "lenet5", "--label-smoothing", "1.5"], "--label-smoothing"),
+    (["--arch", "resnet20", "--dropout", "0.5"], "resnet20 has no dropout"),
+    (["--arch", "lenet5", "--image-size", "8"], "at least 16x16"),
+    (["--epochs", "2"], "--arch"),
+    (["--arch", "lenet5", "--process-id", "1"], "go together"),
+]
+
+
+@pytest.mark.parametrize("argv, message", BAD_INPUT)
+def test_bad_input_one_line_exit_2(argv, message, data_dir, tmp_path, capsys, monkeypatch):
+    from flaxcnn import train as cli
+
+    monkeypatch.setenv("TFDS_DATA_DIR", str(data_dir))
+    workdir = tmp_path / "w"
+    with pytest.raises(SystemExit) as exit_:
+        cli.main([*argv, "--workdir", str(workdir), "--no-progress"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+    assert not workdir.exists(), "a rejected run must not create its workdir"
+
+
+def snapshot(directory: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(directory.rglob("*"))
+        if p.is_file()
+    }
+
+
+def test_existing_workdir_is_never_damaged_by_bad_runs(data_dir, tmp_path, capsys, monkeypatch):
+    from flaxcnn import train as cli
+
+    monkeypatch.setenv("TFDS_DATA_DIR", str(data_dir))
+    workdir = tmp_path / "lenet"
+    cli.main(["--arch", "lenet5", "--epochs", "1", "--workdir", str(workdir), "--no-progress"])
+    before = snapshot(workdir)
+    attempts = [
+        (["--arch", "netresdeep"], "holds a lenet5 run"),  # another arch in the same workdir
+        (["--arch", "lenet5", "--no-resume"], "already holds checkpoints"),
+        (["--arch", "lenet5", "--epochs", "-3"], "--epochs must be positive"),
+        (["--arch", "lenet5", "--batch-size", "6"], "does not divide evenly"),
+    ]
+    for argv, message in attempts:
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as exit_:
+            cli.main([*argv, "--workdir", str(workdir), "--no-progress"])
+        assert exit_.value.code == 2
+        assert message in capsys.readouterr().err
+        assert snapshot(workdir) == before, argv
+
+    other = tmp_path / "other"
+    with pytest.raises(SystemExit):
+        cli.main(["--arch", "netresdeep", "--init-from", str(workdir), "--workdir", str(other)])
+    assert "holds a lenet5 checkpoint, not netresdeep" in capsys.readouterr().err
+    assert snapshot(workdir) == before
+
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["--arch", "lenet5", "--workdir", str(blocker / "run")])
+    assert exit_.value.code == 2
+    assert "cannot write to --workdir" in capsys.readouterr().err
+    assert blocker.read_text() == "not a directory"
+
+
+def test_cli_bad_input_through_a_real_process(data_dir, tmp_path):
+    result = run(["--arch", "vgg61", "--workdir", str(tmp_path / "w")], data_dir)
+    assert result.returncode == 2
+    assert result.stderr.strip().startswith("error: unknown architecture 'vgg61'. Did you mean")
+    assert len(result.stderr.strip().splitlines()) == 1
