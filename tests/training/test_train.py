@@ -197,25 +197,41 @@ def test_nonfinite_loss_stops_with_the_step_and_keeps_good_checkpoints(data_dir,
     assert "Traceback" not in result.stderr
 
 
-def test_init_from_replaces_the_classifier_when_classes_differ(data_dir, tmp_path):
+def test_init_from_loads_weights_and_replaces_a_classifier_of_another_size(data_dir, tmp_path):
+    from PIL import Image
+
     from flaxcnn.training import TrainConfig, train
 
     source = tmp_path / "source"
     lines: list[str] = []
-    config = TrainConfig(
-        arch="lenet5", epochs=1, workdir=str(source), data_dir=str(data_dir), progress=False
-    )
-    first = train(config, out=lines.append)
+    common = {"arch": "lenet5", "epochs": 1, "data_dir": str(data_dir), "progress": False}
+    first = train(TrainConfig(**common, workdir=str(source)), out=lines.append)
     assert lines[-1] == f"test accuracy: {first['accuracy']:.4f}"
-    # Same classes: everything is loaded, and training goes on from there.
+
+    # Same classes, no learning: everything is loaded, so the accuracy is the source's.
     lines.clear()
-    again = TrainConfig(
-        arch="lenet5", epochs=1, workdir=str(tmp_path / "again"), data_dir=str(data_dir),
-        init_from=str(source), progress=False, lr=1e-9, warmup_epochs=0,
+    frozen = TrainConfig(
+        **common, workdir=str(tmp_path / "again"), init_from=str(source), lr=1e-12,
+        warmup_epochs=0, weight_decay=0,
     )  # fmt: skip
-    result = train(again, out=lines.append)
+    assert train(frozen, out=lines.append)["accuracy"] == pytest.approx(first["accuracy"])
     assert not any("re-initialised" in line for line in lines)
-    assert abs(result["accuracy"] - first["accuracy"]) < 0.02
+
+    # Three classes of your own images: only the output layer is new.
+    rng = np.random.default_rng(0)
+    for label in ("a", "b", "c"):
+        (tmp_path / "imgs" / label).mkdir(parents=True)
+        for i in range(12):
+            pixels = rng.integers(0, 255, (8, 8), dtype=np.uint8)
+            Image.fromarray(pixels).save(tmp_path / "imgs" / label / f"{i}.png")
+    lines.clear()
+    other = TrainConfig(
+        **{**common, "dataset": f"folder:{tmp_path / 'imgs'}"},
+        workdir=str(tmp_path / "three"), init_from=str(source), batch_size=8,
+    )  # fmt: skip
+    train(other, out=lines.append)
+    note = next(line for line in lines if "re-initialised" in line)
+    assert "output" in note and "c1" not in note and "f5" not in note
 
 
 BAD_INPUT = [
