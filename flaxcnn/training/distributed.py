@@ -8,7 +8,8 @@ JAX_NUM_PROCESSES and JAX_PROCESS_ID serve, and on clusters that JAX detects its
 
 Between CPU processes (tests, laptops) the collectives go through gloo. Process 0 alone
 writes `config.json`, `metrics.jsonl`, TensorBoard events and the console output; every
-process takes part in saving and restoring checkpoints, as orbax requires.
+process takes part in saving and restoring checkpoints, as orbax requires. A signal to
+any process stops all of them after the same step (`any_signal`).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import os
 
 import jax
+import numpy as np
 
 from flaxcnn.cli import UsageError
 
@@ -65,3 +67,16 @@ def initialize(config) -> None:
         jax.distributed.initialize(address, num_processes=count, process_id=index)
     except ValueError as e:  # e.g. no process count given and no cluster detected
         raise UsageError(f"cannot start jax.distributed at {address}: {e}") from None
+
+
+def any_signal(signum: int | None) -> int | None:
+    """The signal that any process has received (the highest number), else None.
+
+    A collective with several processes: every process must call it at the same point.
+    """
+    if jax.process_count() == 1:
+        return signum
+    from jax.experimental import multihost_utils
+
+    received = multihost_utils.process_allgather(np.int32(signum or 0))
+    return int(np.max(received)) or None

@@ -280,10 +280,22 @@ def means(sums: dict[str, float]) -> dict[str, float]:
 
 
 class StopRequest:
-    """SIGTERM/SIGINT: finish the current step, save, and exit saying how to resume."""
+    """SIGTERM/SIGINT: finish the current step, save, and exit saying how to resume.
+
+    Several processes must stop after the same step (one that stops alone leaves the
+    others waiting in a collective for ever), so `due` is their agreement, taken where
+    the loop waits for the devices anyway; a signal to any process stops them all.
+    """
 
     def __init__(self):
         self.signal: int | None = None
+        self.agreed: int | None = None  # the signal that every process stops on
+
+    def due(self, sync_point: bool) -> bool:
+        """Whether to stop now: the same answer on every process."""
+        if self.agreed is None and (sync_point or jax.process_count() == 1):
+            self.agreed = distributed.any_signal(self.signal)
+        return self.agreed is not None
 
     def __call__(self, signum, frame):
         if self.signal is not None:  # a second Ctrl-C: stop now
@@ -512,14 +524,14 @@ def _loop(
                     acc=f"{sums['correct'] / sums['count']:.4f}",
                     img_s=f"{(step - first) * config.batch_size / elapsed:.0f}",
                 )
-            if stop.signal is not None:
+            if stop.due(step % config.log_every == 0 or step % spe == 0):
                 break
             if step % every == 0 and step % spe and step < total:
                 save(None, epoch_sums(acc))
         bar.close()
-        if stop.signal is not None and step % spe:
+        if stop.agreed is not None and step % spe:
             save(None, epoch_sums(acc))
-            raise_interrupted(stop.signal, step, setup, out, primary)
+            raise_interrupted(stop.agreed, step, setup, out, primary)
         elapsed = time.perf_counter() - start
         sums = epoch_sums(acc)
         carried = None
@@ -544,10 +556,11 @@ def _loop(
             if metrics:
                 line += f"  |  test loss {test['loss']:.4f}  acc {test['accuracy']:.4f}"
             out(line)
-        if step % every == 0 or last or stop.signal is not None:
+        stopping = stop.due(sync_point=True)
+        if step % every == 0 or last or stopping:
             save(metrics, None)
-        if stop.signal is not None and not last:
-            raise_interrupted(stop.signal, step, setup, out, primary)
+        if stopping and not last:
+            raise_interrupted(stop.agreed, step, setup, out, primary)
     if primary:
         out(f"test accuracy: {test['accuracy']:.4f}")
     return dstate, test

@@ -1,0 +1,294 @@
+"""Two processes on localhost train one model together (`jax.distributed`, gloo on CPU).
+
+2 processes x 1 CPU device must give the metrics of 1 process x 2 devices with the same
+global batch and seed. Each device then sees the same examples in the same order
+(`parallel.interleave`) and a sum over 2 devices does not depend on its order, so the two
+agree to the last bit in practice; the tolerance only allows for compiler differences,
+since training amplifies any rounding difference far beyond it within an epoch.
+
+Process 0 alone writes config.json, metrics.jsonl, TensorBoard events and the console
+output (the workdir is shared here, so a second writer would show as duplicate lines or
+files); both take part in orbax's checkpoints, and 2-process runs resume from them to the
+metrics of an uninterrupted run, also after a signal that only one process received.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from flaxcnn.training import metrics as metrics_io
+
+TIMEOUT_S = 240
+STEPS_PER_EPOCH = 22  # 1,437 digits // 64
+# netresdeep: ten BatchNorm layers (statistics over both processes) and dropout (a key per
+# device); it learns at this rate (test accuracy 0.32, then 0.54). A constant learning rate
+# after a warmup shorter than one epoch makes epoch 1 of a 1-epoch run the same as epoch 1
+# of a 2-epoch run, so that a resumed run can be compared with an uninterrupted one.
+ARGS = [
+    "--arch", "netresdeep", "--dropout", "0.1", "--image-size", "8", "--batch-size", "64",
+    "--optimizer", "adamw", "--lr", "0.004", "--schedule", "constant", "--warmup-epochs", "0.5",
+    "--seed", "5", "--checkpoint-every", "10", "--log-every", "5", "--no-progress",
+]  # fmt: skip
+NOT_INHERITED = (
+    "XLA_FLAGS",
+    "JAX_NUM_CPU_DEVICES",
+    "JAX_COORDINATOR_ADDRESS",
+    "JAX_NUM_PROCESSES",
+    "JAX_PROCESS_ID",
+)
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory) -> dict[str, Path]:
+    """The digits, prepared once before any run (no two processes racing to prepare
+    them), and a compilation cache that later runs reuse."""
+    from flaxcnn import data
+
+    root = tmp_path_factory.mktemp("multiprocess")
+    data.load("digits", data_dir=root / "tfds")
+    return {"data": root / "tfds", "cache": root / "jax-cache"}
+
+
+@pytest.fixture(scope="module")
+def references() -> dict[str, list[dict]]:
+    """Metrics of uninterrupted 2-epoch runs of 1 process x 2 devices, by strategy."""
+    return {}
+
+
+def environment(shared: dict[str, Path], devices: int) -> dict[str, str]:
+    # Not the test process's 4 fake devices, its process settings if any, nor a proxy for
+    # the coordinator's gRPC.
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in NOT_INHERITED and not k.lower().endswith("_proxy")
+    }
+    env.update(
+        JAX_PLATFORMS="cpu",
+        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+        TFDS_DATA_DIR=str(shared["data"]),
+        JAX_COMPILATION_CACHE_DIR=str(shared["cache"]),
+        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+        JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1",
+    )
+    return env
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclasses.dataclass
+class Run:
+    """One process of a run; its output goes to files, not pipes (a full pipe would
+    stall a process in the middle of a collective while the test waits on another)."""
+
+    proc: subprocess.Popen
+    logs: Path
+
+    @property
+    def stdout(self) -> str:
+        return (self.logs / "out").read_text()
+
+    @property
+    def stderr(self) -> str:
+        return (self.logs / "err").read_text()
+
+    def report(self) -> str:
+        return f"{self.proc.args}:\n{self.stdout[-2000:]}\n{self.stderr[-4000:]}"
+
+
+def start(args: list[str], shared, *, processes: int, devices: int, logs: Path) -> list[Run]:
+    """`python -m flaxcnn.train ARGS` as `processes` cooperating processes."""
+    command = [sys.executable, "-m", "flaxcnn.train", *args]
+    if processes > 1:
+        address = f"127.0.0.1:{free_port()}"
+        commands = [
+            [*command, "--coordinator-address", address, "--num-processes", str(processes),
+             "--process-id", str(i)]
+            for i in range(processes)
+        ]  # fmt: skip
+    else:
+        commands = [command]
+    env = environment(shared, devices)
+    runs = []
+    for i, argv in enumerate(commands):
+        (logs / str(i)).mkdir(parents=True)
+        with open(logs / str(i) / "out", "w") as out, open(logs / str(i) / "err", "w") as err:
+            proc = subprocess.Popen(argv, env=env, cwd=logs, stdout=out, stderr=err)
+        runs.append(Run(proc, logs / str(i)))
+    return runs
+
+
+def finish(runs: list[Run], code: int = 0) -> list[Run]:
+    """Wait for every process to exit with `code`; else kill the rest and show why."""
+    try:
+        for run in runs:
+            if run.proc.wait(timeout=TIMEOUT_S) != code:
+                break
+    finally:
+        for run in runs:
+            if run.proc.poll() is None:
+                run.proc.kill()
+                run.proc.wait()
+    for run in runs:
+        assert run.proc.returncode == code, run.report()
+    return runs
+
+
+def records(workdir: Path) -> list[dict]:
+    rows = metrics_io.read(workdir)
+    return [{k: v for k, v in r.items() if k not in metrics_io.TIMING_FIELDS} for r in rows]
+
+
+def assert_same_metrics(got: list[dict], want: list[dict]) -> None:
+    assert [(r["split"], r["epoch"], r["step"]) for r in got] == [
+        (r["split"], r["epoch"], r["step"]) for r in want
+    ]
+    for a, b in zip(got, want, strict=True):
+        assert a.keys() == b.keys()
+        for key in a.keys() - {"split"}:
+            np.testing.assert_allclose(a[key], b[key], rtol=1e-5, atol=1e-7, err_msg=f"{a}\n{b}")
+
+
+def assert_written_once(workdir: Path, lines: int, runs: int) -> None:
+    """One writer: the expected lines exactly once, one event file per run, one config."""
+    text = (workdir / "metrics.jsonl").read_text().splitlines()
+    assert len(text) == lines and len(set(text)) == lines, text
+    assert len(list((workdir / "tensorboard").iterdir())) == runs
+    assert sorted(p.name for p in workdir.iterdir()) == [
+        "checkpoints", "config.json", "metrics.jsonl", "tensorboard",
+    ]  # fmt: skip
+    config = json.loads((workdir / "config.json").read_text())
+    assert (config["processes"], config["devices"]) == (2, 2)
+
+
+def own_lines(stdout: str) -> list[str]:
+    """What flaxcnn printed: gloo (C++) announces its connections on every process."""
+    return [line for line in stdout.splitlines() if line and not line.startswith("[Gloo]")]
+
+
+def checkpoint_steps(workdir: Path) -> list[int]:
+    """Finished checkpoints (orbax renames a temporary directory into place)."""
+    directory = workdir / "checkpoints"
+    if not directory.is_dir():
+        return []
+    return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit())
+
+
+def run_reference(args: list[str], shared, workdir: Path) -> list[Run]:
+    return start(
+        [*args, "--epochs", "2", "--workdir", str(workdir)], shared, processes=1, devices=2,
+        logs=workdir.with_name(workdir.name + "-logs"),
+    )  # fmt: skip
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["pmap", "shard_map"])
+def test_two_processes_train_like_one_with_two_devices(shared, references, tmp_path, strategy):
+    args = [*ARGS, "--parallel", strategy]
+    one, two = tmp_path / "one", tmp_path / "two"
+    # The reference (2 epochs, 1 process x 2 devices) runs alongside the 2-process run.
+    reference = run_reference(args, shared, one)
+    pair = start(
+        [*args, "--epochs", "1", "--workdir", str(two)], shared, processes=2, devices=1,
+        logs=tmp_path / "logs-two",
+    )  # fmt: skip
+    finish([*pair, *reference])
+    want = references[strategy] = records(one)
+    assert [r["split"] for r in want] == ["train", "test"] * 2
+    assert want[-1]["accuracy"] > 0.3  # a model that learns, not one stuck at chance
+
+    assert_same_metrics(records(two), want[:2])
+    assert_written_once(two, lines=2, runs=1)
+    assert own_lines(pair[0].stdout)[-1].startswith("test accuracy: ")
+    assert "(2 process(es), 1 local)" in pair[0].stdout
+    assert own_lines(pair[1].stdout) == []  # process 1 prints nothing
+    # Every process took part in each save, and each was finished (no temporary dirs).
+    assert sorted(p.name for p in (two / "checkpoints").iterdir()) == ["10", "20", "22"]
+
+    # Both processes restore the checkpoint and the data position, and go on as one.
+    resumed = finish(
+        start(
+            [*args, "--epochs", "2", "--workdir", str(two)], shared, processes=2, devices=1,
+            logs=tmp_path / "logs-resumed",
+        )
+    )  # fmt: skip
+    assert f"resuming     from step {STEPS_PER_EPOCH}" in resumed[0].stdout
+    assert own_lines(resumed[1].stdout) == []
+    assert_same_metrics(records(two), want)
+    assert_written_once(two, lines=4, runs=2)
+    assert checkpoint_steps(two)[-1] == 2 * STEPS_PER_EPOCH
+
+
+@pytest.mark.slow
+def test_a_signal_to_one_process_stops_both_after_the_same_step(shared, references, tmp_path):
+    """SIGTERM to process 0 alone: both save the same step and exit 143 (a process that
+    stopped alone would leave the other waiting in a collective for ever); resuming gives
+    the uninterrupted run's metrics."""
+    args = [*ARGS, "--parallel", "pmap", "--epochs", "2"]
+    two = tmp_path / "two"
+    reference = []
+    if "pmap" not in references:
+        reference = run_reference([*ARGS, "--parallel", "pmap"], shared, tmp_path / "one")
+    pair = start(
+        [*args, "--workdir", str(two), "--checkpoint-every", "2"], shared, processes=2,
+        devices=1, logs=tmp_path / "logs-two",
+    )  # fmt: skip
+    deadline = time.monotonic() + TIMEOUT_S
+    while not any(step >= 4 for step in checkpoint_steps(two)):
+        assert all(run.proc.poll() is None for run in pair), [run.report() for run in pair]
+        assert time.monotonic() < deadline, "no checkpoint in time"
+        time.sleep(0.02)
+    pair[0].proc.send_signal(signal.SIGTERM)
+    finish(pair, code=128 + signal.SIGTERM)
+    if reference:
+        finish(reference)
+        references["pmap"] = records(tmp_path / "one")
+
+    stopped_at = checkpoint_steps(two)[-1]
+    assert 4 <= stopped_at < 2 * STEPS_PER_EPOCH, "the run was not interrupted mid-way"
+    assert f"SIGTERM at step {stopped_at}: checkpoint saved" in pair[0].stdout
+    assert own_lines(pair[1].stdout) == []
+
+    resumed = finish(
+        start([*args, "--workdir", str(two)], shared, processes=2, devices=1,
+              logs=tmp_path / "logs-resumed")
+    )  # fmt: skip
+    assert f"resuming     from step {stopped_at}" in resumed[0].stdout
+    assert_same_metrics(records(two), references["pmap"])
+    assert_written_once(two, lines=4, runs=2)
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--num-processes", "2", "--process-id", "2"], "--process-id must be below"),
+        (["--num-processes", "2"], "go together"),
+    ],
+)
+def test_bad_process_flags_fail_at_once(shared, tmp_path, flags, message):
+    """Exit code 2 and one line before waiting for any other process; nothing written."""
+    workdir = tmp_path / "run"
+    address = ["--coordinator-address", f"127.0.0.1:{free_port()}"]
+    (run,) = start(
+        [*ARGS, "--workdir", str(workdir), *address, *flags], shared, processes=1, devices=1,
+        logs=tmp_path / "logs",
+    )  # fmt: skip
+    finish([run], code=2)
+    assert run.stderr.strip().splitlines() == [run.stderr.strip()], run.stderr
+    assert message in run.stderr
+    assert not workdir.exists()
