@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 import sys
 import types
 import typing
@@ -59,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     config = TrainConfig(**vars(args))
+    # absl warnings (orbax's notes on saves without metrics, tfds's hint to install
+    # OpenCV) would interleave with the progress; errors still show.
+    logging.getLogger("absl").setLevel(logging.ERROR)
     # Imported after parsing so that --help and argument errors are instant.
     from flaxcnn.training import TrainingError, train
 
