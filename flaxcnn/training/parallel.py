@@ -63,9 +63,9 @@ class PmapParallel(DataParallel):
     name = "pmap"
 
     def _compile(self, fn, donate):
-        # Donating pmap's state buffers makes a CPU step ~6x slower (jax 0.10: measured
-        # 1.85 s vs 0.27 s for resnet34 on 8x8 digits), so donate only on accelerators,
-        # where it saves a copy of the state in device memory.
+        # Donating pmap's state buffers makes a CPU step 2-6x slower (jax 0.10, resnet34
+        # on 8x8 digits, batch 128, after warm-up: 0.7-1.8 s vs 0.26-0.29 s), so donate
+        # only on accelerators, where it saves a copy of the state in device memory.
         donate = donate and jax.default_backend() != "cpu"
         return jax.pmap(fn, axis_name=steps.AXIS, donate_argnums=(0,) if donate else ())
 
