@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flaxcnn import cli, data, models
+from flaxcnn import cli, models
 from flaxcnn.models import summary
 from flaxcnn.training import loop, optim, parallel, steps
 from flaxcnn.training.config import TrainConfig
@@ -109,7 +109,7 @@ def plan(
         raise cli.UsageError(
             f"--batch-size {batch_size} does not divide evenly over {devices} devices"
         )
-    size, options = loop.resolve_input(spec, synthetic_info(spec, num_classes), image_size)
+    size, options = loop.resolve_input(spec, spec.input_size, image_size)
     if not options and size < spec.min_size:
         raise cli.UsageError(f"{arch} needs --image-size of at least {spec.min_size}, got {size}")
     result = Plan(
@@ -132,22 +132,6 @@ def plan(
     except ValueError as e:
         raise cli.UsageError(str(e)) from None
     return dataclasses.replace(result, params=params, macs=macs)
-
-
-def synthetic_info(spec: models.ModelSpec, num_classes: int) -> data.DatasetInfo:
-    """A stand-in data set at the model's design size, for the trainer's input rules."""
-    side = spec.input_size
-    return data.DatasetInfo(
-        name="synthetic",
-        num_classes=num_classes,
-        class_names=tuple(map(str, range(num_classes))),
-        image_shape=(side, side, spec.in_channels),
-        num_train=0,
-        num_test=0,
-        mean=(0.0,) * spec.in_channels,
-        std=(1.0,) * spec.in_channels,
-        hflip=False,
-    )
 
 
 def synthetic_batch(p: Plan, seed: int = SEED) -> dict[str, np.ndarray]:

@@ -61,15 +61,14 @@ class Setup:
 
 
 def resolve_input(
-    spec: models.ModelSpec, info: data.DatasetInfo, requested: int | None
+    spec: models.ModelSpec, native: int, requested: int | None
 ) -> tuple[int, dict[str, Any]]:
-    """The input side and the model options for it.
+    """The input side and the model options for it, for images `native` pixels a side.
 
-    By default the data set's own size, raised to what the model needs; images of at most
+    By default the images' own size, raised to what the model needs; images of at most
     SMALL_INPUT_MAX pixels use the model's small-input stem (e.g. ResNet's 3x3 stride-1 stem
     without max-pool), which keeps 32x32-class images from being downsampled to nothing.
     """
-    native = max(info.image_shape[:2]) or spec.input_size
     size = requested or native
     small = bool(spec.small_input_options) and size <= SMALL_INPUT_MAX < spec.input_size
     if requested is None and not small:
@@ -94,7 +93,9 @@ def prepare(config: TrainConfig) -> Setup:
         dataset = data.load(config.dataset, data_dir=config.data_dir)
     except ValueError as e:  # DatasetNotPrepared is a ValueError too
         raise UsageError(str(e)) from None
-    image_size, options = resolve_input(spec, dataset.info, config.image_size)
+    # A data set of images of varying sizes records 0: the model's design size then.
+    native = max(dataset.info.image_shape[:2]) or spec.input_size
+    image_size, options = resolve_input(spec, native, config.image_size)
     if config.dropout is not None:
         if "dropout_rate" not in models.options(config.arch):
             raise UsageError(f"{config.arch} has no dropout; leave out --dropout")
