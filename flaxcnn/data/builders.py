@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import io
+import sys
 from collections.abc import Sequence
 
 import tensorflow_datasets as tfds
@@ -17,12 +21,24 @@ from flaxcnn.data.dataset import (
 ARRAY_RECORD = tfds.core.FileFormat.ARRAY_RECORD
 
 
-def prepare_array_record(builder: tfds.core.DatasetBuilder) -> None:
-    """Prepare ``builder`` as array_record, never fetching TFDS's pre-built copies from GCS."""
-    builder.download_and_prepare(
+def prepare_array_record(builder: tfds.core.DatasetBuilder, quiet: bool = False) -> None:
+    """Prepare ``builder`` as array_record, never fetching TFDS's pre-built copies from GCS.
+
+    ``quiet`` (local data: the digits, a folder) replaces tfds's progress bars and its
+    "Downloading and preparing" banner, which would be wrong for offline data and take
+    seconds at most, by one line on stderr.
+    """
+    prepare = functools.partial(
+        builder.download_and_prepare,
         file_format=ARRAY_RECORD.value,
         download_config=tfds.download.DownloadConfig(try_download_gcs=False),
     )
+    if not quiet:
+        prepare()
+        return
+    print(f"preparing {builder.name} once in {builder.data_dir}", file=sys.stderr)
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        prepare()
 
 
 def is_array_record(builder: tfds.core.DatasetBuilder) -> bool:

@@ -110,7 +110,7 @@ def load_digits(data_dir: str | os.PathLike | None = None) -> Dataset:
             if not builder.is_prepared():
                 # tfds writes into an "incomplete" directory and renames it when done, so an
                 # interrupted preparation never looks prepared.
-                prepare_array_record(builder)
+                prepare_array_record(builder, quiet=True)
     metadata = builder.info.metadata
     return dataset_from_builder(
         builder, name=NAME, mean=metadata["mean"], std=metadata["std"], hflip=metadata["hflip"]

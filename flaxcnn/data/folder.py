@@ -253,7 +253,7 @@ def _prepare(listing: FolderListing, target: Path, skip_corrupt: bool) -> None:
             skipped=skipped,
             data_dir=os.fspath(staging),
         )
-        prepare_array_record(builder)
+        prepare_array_record(builder, quiet=True)
         try:
             os.rename(builder.data_path, target)
         except OSError:
