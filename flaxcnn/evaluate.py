@@ -110,16 +110,13 @@ def restore(directory: Path, step: int | None) -> tuple[int, dict, dict]:
 
 def build_model(meta: dict):
     """The network the checkpoint was trained as, without a data-parallel axis."""
-    import jax.numpy as jnp
-
     from flaxcnn import models
 
-    dtype = jnp.bfloat16 if meta.get("dtype") == "bfloat16" else jnp.float32
     try:
         return models.create(
             meta["arch"],
             num_classes=meta["num_classes"],
-            dtype=dtype,
+            dtype=meta.get("dtype", "float32"),
             **(meta.get("model_options") or {}),
         )
     except ValueError as e:  # an architecture or option this version does not have

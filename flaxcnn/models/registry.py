@@ -98,10 +98,11 @@ def create(
 ) -> nn.Module:
     """Build the Flax module registered as `name`.
 
-    `num_classes` defaults to the network's design point; `dtype` is the compute dtype
-    (parameters stay float32); `axis_name` is the data-parallel axis over which BatchNorm
-    averages its statistics (ignored by networks without BatchNorm). Other keyword options
-    are the module's own fields (see `options(name)`); an unknown one raises ValueError.
+    `num_classes` defaults to the network's design point; `dtype` is the compute dtype,
+    a jnp type or its name ("float32", "bfloat16"), while parameters stay float32;
+    `axis_name` is the data-parallel axis over which BatchNorm averages its statistics
+    (ignored by networks without BatchNorm). Other keyword options are the module's own
+    fields (see `options(name)`); an unknown one raises ValueError.
     """
     spec = get_spec(name)
     fields = _module_fields(spec.builder)
@@ -114,7 +115,10 @@ def create(
     if num_classes is not None and num_classes < 1:
         raise ValueError(f"num_classes must be positive, got {num_classes}")
     kwargs["num_classes"] = spec.num_classes if num_classes is None else num_classes
-    kwargs["dtype"] = dtype
+    try:
+        kwargs["dtype"] = jnp.dtype(dtype)
+    except TypeError:
+        raise ValueError(f"unknown dtype {dtype!r}") from None
     if "axis_name" in fields:
         kwargs["axis_name"] = axis_name
     return spec.builder(**kwargs)

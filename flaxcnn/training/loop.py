@@ -137,11 +137,10 @@ def get_spec(arch: str) -> models.ModelSpec:
 
 
 def build_model(setup: Setup, axis_name: str | None):
-    dtype = jnp.bfloat16 if setup.config.dtype == "bfloat16" else jnp.float32
     return models.create(
         setup.config.arch,
         num_classes=setup.dataset.info.num_classes,
-        dtype=dtype,
+        dtype=setup.config.dtype,
         axis_name=axis_name,
         **setup.model_options,
     )
