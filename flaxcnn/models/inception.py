@@ -22,6 +22,7 @@ Names follow torchvision's state_dict with a Sequential index joined by "_"
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
@@ -37,6 +38,17 @@ BN_EPSILON = 1e-3
 # torchvision draws conv and fc weights from trunc_normal_(std=0.01, a=-2, b=2); the cut
 # at +-2 (absolute, i.e. 200 standard deviations) never bites, so this is a plain normal.
 weight_init = nn.initializers.normal(0.01)
+
+
+def basic_conv(axis_name: str | None, dtype: Any) -> Callable[..., nn.Module]:
+    """torchvision's BasicConv2d: conv without bias, BatchNorm (eps 1e-3), ReLU."""
+    return functools.partial(
+        layers.ConvBN,
+        bn_epsilon=BN_EPSILON,
+        axis_name=axis_name,
+        dtype=dtype,
+        kernel_init=weight_init,
+    )
 
 
 class Inception(nn.Module):
@@ -59,13 +71,7 @@ class Inception(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array, train: bool) -> Array:
-        conv = functools.partial(
-            layers.ConvBN,
-            bn_epsilon=BN_EPSILON,
-            axis_name=self.axis_name,
-            dtype=self.dtype,
-            kernel_init=weight_init,
-        )
+        conv = basic_conv(self.axis_name, self.dtype)
         k5 = 5 if self.paper_5x5 else 3
         branch1 = conv(self.ch1x1, 1, name="branch1")(x, train)
         branch2 = conv(self.ch3x3red, 1, name="branch2_0")(x, train)
@@ -142,13 +148,7 @@ class GoogLeNet(nn.Module):
     def __call__(self, x: Array, train: bool) -> Array | tuple[Array, tuple[Array, Array]]:
         layers.check_min_size(x, MIN_SIZE, "googlenet")
         x = x.astype(self.dtype)
-        conv = functools.partial(
-            layers.ConvBN,
-            bn_epsilon=BN_EPSILON,
-            axis_name=self.axis_name,
-            dtype=self.dtype,
-            kernel_init=weight_init,
-        )
+        conv = basic_conv(self.axis_name, self.dtype)
         inception = functools.partial(
             Inception, paper_5x5=self.paper_5x5, axis_name=self.axis_name, dtype=self.dtype
         )
