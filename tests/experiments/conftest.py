@@ -1,0 +1,52 @@
+"""Running an experiment script as a user would: `python experiments/NAME.py --smoke`, in
+a child process, writing into the test's temporary directory (never the committed results).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from flaxcnn import data
+
+ROOT = Path(__file__).resolve().parents[2]
+EXPERIMENTS = ROOT / "experiments"
+sys.path.insert(0, str(EXPERIMENTS))  # so tests can import the scripts' pure functions
+
+
+@pytest.fixture(scope="session")
+def experiments_data_dir(tmp_path_factory) -> Path:
+    """A data directory with the digits prepared once for all experiment tests."""
+    path = tmp_path_factory.mktemp("tfds")
+    data.load("digits", data_dir=path)
+    return path
+
+
+@pytest.fixture
+def run_experiment(
+    tmp_path: Path, experiments_data_dir: Path
+) -> Callable[..., tuple[subprocess.CompletedProcess, dict]]:
+    """`run_experiment("NAME", *extra)`: run it with --smoke into tmp_path; returns the
+    finished process and the parsed `NAME.json`. Fails with the script's output if it exits
+    non-zero."""
+
+    def run(
+        name: str, *extra: str, timeout: float = 300
+    ) -> tuple[subprocess.CompletedProcess, dict]:
+        out = tmp_path / "results"
+        command = [sys.executable, str(EXPERIMENTS / f"{name}.py"), "--smoke", "--out", str(out),
+                   "--workdir", str(tmp_path / "work"), *extra]  # fmt: skip
+        env = {**os.environ, "TFDS_DATA_DIR": str(experiments_data_dir)}
+        proc = subprocess.run(
+            command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
+        )
+        assert proc.returncode == 0, f"{name} --smoke failed:\n{proc.stdout}\n{proc.stderr}"
+        return proc, json.loads((out / f"{name}.json").read_text())
+
+    return run

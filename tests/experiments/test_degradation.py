@@ -1,0 +1,79 @@
+"""experiments/degradation.py: the smoke run trains through the library and reports honestly."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import degradation
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+EXPERIMENTS = ROOT / "experiments"
+
+
+@pytest.mark.slow
+def test_smoke_trains_both_nets_and_writes_the_page(run_experiment, tmp_path):
+    _, record = run_experiment("degradation")
+    data = record["data"]
+    assert record["size"] == "smoke"
+    assert [r["arch"] for r in data["runs"]] == ["plain20", "resnet20"]
+    for run in data["runs"]:
+        assert run["params"] == 269_722  # option-A shortcuts add no parameters
+        curves = run["curves"]
+        assert curves["step"] == [11]  # one epoch of 1,437 digits in batches of 128
+        assert 0 <= run["final_train_error"] <= 1 and 0 <= run["final_test_error"] <= 1
+        assert run["final_train_error"] == pytest.approx(curves["train_error"][-1])
+    page = (tmp_path / "results" / "degradation.md").read_text()
+    assert "![" in page and (tmp_path / "results" / "degradation.png").stat().st_size > 10_000
+    # The full setting was not run: its measured column stays empty, the anchors are labelled.
+    assert "| resnet110 | 6.43 |  |  |" in page
+    assert "--smoke" in page and "Measured" in page
+
+
+def test_verdict_follows_the_measurements():
+    def errors(train, test=0.1):
+        return {"final_train_error": train, "final_test_error": test}
+
+    held = degradation.verdict(
+        {
+            "plain20": errors(0.05),
+            "plain56": errors(0.09),
+            "resnet20": errors(0.05),
+            "resnet56": errors(0.03),
+        },
+        (20, 56),
+    )
+    assert all("it held" in line for line in held)
+    failed = degradation.verdict(
+        {
+            "plain20": errors(0.05),
+            "plain56": errors(0.01),
+            "resnet20": errors(0.05),
+            "resnet56": errors(0.08),
+        },
+        (20, 56),
+    )
+    assert all("did not hold" in line for line in failed)
+
+
+def test_full_recipe_is_he_et_al():
+    full = degradation.recipe_for("full")
+    assert full.dataset == "cifar10" and full.batch_size == 128 and full.lr == 0.1
+    assert full.epochs * (50_000 // 128) == 63_960  # ~64k iterations
+    config = degradation.recipe_for("full").config("resnet56", 0, ROOT / "x", None)
+    assert config.lr * config.batch_size / 256 == pytest.approx(0.1)  # trainer scales --lr
+    assert config.schedule == "step" and config.weight_decay == 1e-4
+    assert config.warmup_epochs == 0.0
+
+
+@pytest.mark.parametrize("argv", [["--smoke", "--full"], ["--seeds", "0"], ["--nope"]])
+def test_bad_arguments_are_one_line_and_exit_2(argv, tmp_path):
+    proc = subprocess.run(
+        [sys.executable, str(EXPERIMENTS / "degradation.py"), *argv, "--out", str(tmp_path)],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("error: ") and len(proc.stderr.strip().splitlines()) == 1
+    assert not list(tmp_path.glob("degradation*"))
