@@ -257,6 +257,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         "the final weights. One seed per network unless `--seeds` says otherwise, so small "
         "differences are within seed-to-seed noise."
     )
+    page.text(
+        f"Every network gets the same budget: {recipe.epochs} epoch(s), "
+        f"{results[0]['curves']['step'][-1]} steps of batch {recipe.batch_size}; He et al. "
+        "compare nets trained for 64k steps. A short budget shows how fast each net starts "
+        "to fit, and a deeper net, plain or residual, may not have converged at its end: "
+        "the curves say whether its loss was still falling."
+    )
     page.heading("Full setting (CIFAR-10, He et al.'s recipe)")
     ran = "" if run.full else " It needs a GPU/TPU (hours); not run here, so the measured "
     ran += "" if run.full else "column is empty."
