@@ -28,17 +28,16 @@ def experiments_data_dir(tmp_path_factory) -> Path:
     return path
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def run_experiment(
-    tmp_path: Path, experiments_data_dir: Path
-) -> Callable[..., tuple[subprocess.CompletedProcess, dict]]:
-    """`run_experiment("NAME", *extra)`: run it with --smoke into tmp_path; returns the
-    finished process and the parsed `NAME.json`. Fails with the script's output if it exits
-    non-zero."""
+    tmp_path_factory, experiments_data_dir: Path
+) -> Callable[..., tuple[dict, Path]]:
+    """`record, out = run_experiment("NAME", *extra)`: run it with --smoke into a fresh
+    directory; returns the parsed `NAME.json` and the directory holding the page and figures.
+    Fails with the script's output if it exits non-zero."""
 
-    def run(
-        name: str, *extra: str, timeout: float = 300
-    ) -> tuple[subprocess.CompletedProcess, dict]:
+    def run(name: str, *extra: str, timeout: float = 300) -> tuple[dict, Path]:
+        tmp_path = tmp_path_factory.mktemp(name)
         out = tmp_path / "results"
         command = [sys.executable, str(EXPERIMENTS / f"{name}.py"), "--smoke", "--out", str(out),
                    "--workdir", str(tmp_path / "work"), *extra]  # fmt: skip
@@ -47,6 +46,6 @@ def run_experiment(
             command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
         )
         assert proc.returncode == 0, f"{name} --smoke failed:\n{proc.stdout}\n{proc.stderr}"
-        return proc, json.loads((out / f"{name}.json").read_text())
+        return json.loads((out / f"{name}.json").read_text()), out
 
     return run

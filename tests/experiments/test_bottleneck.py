@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 from pathlib import Path
@@ -19,15 +18,10 @@ import bottleneck  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def smoke(tmp_path_factory) -> dict:
-    """Run the script once at --smoke; its JSON record and page."""
-    tmp = tmp_path_factory.mktemp("bottleneck")
-    cmd = [sys.executable, "experiments/bottleneck.py", "--smoke", "--out", str(tmp)]
-    cmd += ["--workdir", str(tmp / "work")]
-    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    record = json.loads((tmp / "bottleneck.json").read_text())
-    return {"record": record, "page": (tmp / "bottleneck.md").read_text(), "dir": tmp}
+def smoke(run_experiment) -> dict:
+    """The script run once at --smoke: its JSON record, its page and its directory."""
+    record, out = run_experiment("bottleneck")
+    return {"record": record, "page": (out / "bottleneck.md").read_text(), "dir": out}
 
 
 def test_course_figures_exact(smoke):

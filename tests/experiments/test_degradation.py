@@ -14,8 +14,8 @@ EXPERIMENTS = ROOT / "experiments"
 
 
 @pytest.mark.slow
-def test_smoke_trains_both_nets_and_writes_the_page(run_experiment, tmp_path):
-    _, record = run_experiment("degradation")
+def test_smoke_trains_both_nets_and_writes_the_page(run_experiment):
+    record, out = run_experiment("degradation")
     data = record["data"]
     assert record["size"] == "smoke"
     assert [r["arch"] for r in data["runs"]] == ["plain20", "resnet20"]
@@ -25,8 +25,8 @@ def test_smoke_trains_both_nets_and_writes_the_page(run_experiment, tmp_path):
         assert curves["step"] == [11]  # one epoch of 1,437 digits in batches of 128
         assert 0 <= run["final_train_error"] <= 1 and 0 <= run["final_test_error"] <= 1
         assert run["final_train_error"] == pytest.approx(curves["train_error"][-1])
-    page = (tmp_path / "results" / "degradation.md").read_text()
-    assert "![" in page and (tmp_path / "results" / "degradation.png").stat().st_size > 10_000
+    page = (out / "degradation.md").read_text()
+    assert "![" in page and (out / "degradation.png").stat().st_size > 10_000
     # The full setting was not run: its measured column stays empty, the anchors are labelled.
     assert "| resnet110 | 6.43 |  |  |" in page
     assert "--smoke" in page and "Measured" in page

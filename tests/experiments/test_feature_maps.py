@@ -19,8 +19,8 @@ def finite_positive(values) -> bool:
 
 
 @pytest.mark.slow
-def test_smoke_measures_filters_and_both_stacks(run_experiment, tmp_path):
-    _, record = run_experiment("feature_maps")
+def test_smoke_measures_filters_and_both_stacks(run_experiment):
+    record, out = run_experiment("feature_maps")
     assert record["size"] == "smoke"
     filters, depth = record["data"]["filters"], record["data"]["depth"]
 
@@ -56,7 +56,7 @@ def test_smoke_measures_filters_and_both_stacks(run_experiment, tmp_path):
     plain, res = (depth["nets"][a]["init"]["running"] for a in ("plain20", "resnet20"))
     assert plain["last_over_first"] < 0.5 < res["last_over_first"]
 
-    out = tmp_path / "results"
+    out = out
     page = (out / "feature_maps.md").read_text()
     assert "no colour filter can be learned" in page and "--smoke" in page
     assert "| plain110 | 54 |  |  |  |  |  |  |  |" in page  # --full: not run, empty cells

@@ -1,8 +1,6 @@
 """experiments/loss.py: log-softmax + NLL equals one-hot softmax cross-entropy; -log p."""
 
-import json
 import math
-import subprocess
 import sys
 from pathlib import Path
 
@@ -47,25 +45,8 @@ def test_log_of_softmax_breaks_where_log_softmax_does_not():
     assert loss.count_share(6, 10_000_000) == "6 (6e-05%)"
 
 
-def test_smoke_run(tmp_path):
-    done = subprocess.run(
-        [
-            sys.executable,
-            "experiments/loss.py",
-            "--smoke",
-            "--out",
-            str(tmp_path),
-            "--workdir",
-            str(tmp_path / "work"),
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    record = json.loads((tmp_path / "loss.json").read_text())
+def test_smoke_run(run_experiment):
+    record, out = run_experiment("loss")
     data = record["data"]
     assert (data["examples"], data["classes"]) == (256, 10)
     eps = {"float32": float(np.finfo(np.float32).eps), "float64": float(np.finfo(np.float64).eps)}
@@ -102,8 +83,8 @@ def test_smoke_run(tmp_path):
     for p, value in expected.items():
         assert math.isclose(curve[p]["float32"], value, rel_tol=1e-6, abs_tol=1e-9)
         assert math.isclose(curve[p]["float64"], -math.log(p), rel_tol=1e-12, abs_tol=1e-15)
-    page = (tmp_path / "loss.md").read_text()
+    page = (out / "loss.md").read_text()
     assert "The claim held as measured" in page
     assert "**nan**" in page
-    assert (tmp_path / "loss.png").stat().st_size > 10_000
-    assert (tmp_path / "loss-neglogp.png").stat().st_size > 10_000
+    assert (out / "loss.png").stat().st_size > 10_000
+    assert (out / "loss-neglogp.png").stat().st_size > 10_000

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 from pathlib import Path
@@ -21,14 +20,10 @@ FLOAT32_TOL = 1e-5  # relative; float32's eps is 1.2e-7
 
 
 @pytest.fixture(scope="module")
-def smoke(tmp_path_factory) -> dict:
-    tmp = tmp_path_factory.mktemp("one_by_one")
-    cmd = [sys.executable, "experiments/one_by_one.py", "--smoke", "--out", str(tmp)]
-    cmd += ["--workdir", str(tmp / "work")]
-    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    record = json.loads((tmp / "one_by_one.json").read_text())
-    return {"data": record["data"], "page": (tmp / "one_by_one.md").read_text(), "dir": tmp}
+def smoke(run_experiment) -> dict:
+    """The script run once at --smoke: its JSON record, its page and its directory."""
+    record, out = run_experiment("one_by_one")
+    return {"data": record["data"], "page": (out / "one_by_one.md").read_text(), "dir": out}
 
 
 def test_differences_within_float32_tolerance(smoke):

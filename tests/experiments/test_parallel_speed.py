@@ -1,8 +1,6 @@
 """experiments/parallel_speed.py: every method computes the same convolution, times are real."""
 
-import json
 import math
-import subprocess
 import sys
 from pathlib import Path
 
@@ -36,25 +34,8 @@ def test_busy_threads_counts_threads_with_a_real_share():
     assert parallel_speed.busy_threads(before, {"1": 3, "2": 2, "3": 1}) is None  # too short
 
 
-def test_smoke_run(tmp_path):
-    done = subprocess.run(
-        [
-            sys.executable,
-            "experiments/parallel_speed.py",
-            "--smoke",
-            "--out",
-            str(tmp_path),
-            "--workdir",
-            str(tmp_path / "work"),
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    record = json.loads((tmp_path / "parallel_speed.json").read_text())
+def test_smoke_run(run_experiment):
+    record, out = run_experiment("parallel_speed")
     data = record["data"]
     assert record["size"] == "smoke"
     assert data["full_positions"] == 9_998**2
@@ -83,7 +64,7 @@ def test_smoke_run(tmp_path):
     assert children["eigen_flag"]["xla_flags"] == "--xla_cpu_multi_thread_eigen=false"
     if data["accelerator"] is None:
         assert "full_s" not in rows["accel/conv"]  # an empty row, never an estimate
-    page = (tmp_path / "parallel_speed.md").read_text()
+    page = (out / "parallel_speed.md").read_text()
     assert "EXTRAPOLATED" in page
     assert "Full setting (not run)" in page
-    assert (tmp_path / "parallel_speed.png").stat().st_size > 10_000
+    assert (out / "parallel_speed.png").stat().st_size > 10_000
