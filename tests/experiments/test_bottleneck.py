@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
 import sys
 from pathlib import Path
 
@@ -88,14 +87,3 @@ def test_valid_taps():
     assert bottleneck.valid_taps(28, 1) == 28
     assert bottleneck.valid_taps(7, 3) == 7 * 3 - 2
     assert bottleneck.conv_macs(28, 28, 256, 32, 5) == 160_563_200
-
-
-def test_bad_argument_exits_2():
-    done = subprocess.run(
-        [sys.executable, "experiments/bottleneck.py", "--bogus"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert done.returncode == 2

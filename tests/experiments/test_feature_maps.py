@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import feature_maps as fm
@@ -62,17 +60,6 @@ def test_smoke_measures_filters_and_both_stacks(run_experiment):
     assert "| plain110 | 54 |  |  |  |  |  |  |  |" in page  # --full: not run, empty cells
     for suffix in ("filters", "maps", "contrast", "grad", "deep"):
         assert (out / f"feature_maps-{suffix}.png").stat().st_size > 10_000
-
-
-def test_bad_arguments_exit_2(tmp_path):
-    proc = subprocess.run(
-        [sys.executable, "experiments/feature_maps.py", "--smoke", "--bogus"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert proc.returncode == 2 and "--bogus" in proc.stderr
 
 
 def test_contrast_and_share_measure_spatial_variation():
