@@ -14,14 +14,6 @@ from flaxcnn import data
 
 
 @pytest.fixture(scope="session")
-def digits_data_dir(tmp_path_factory) -> Path:
-    """A data directory in which the digits were prepared once for the whole session."""
-    path = tmp_path_factory.mktemp("tfds")
-    data.load("digits", data_dir=path)
-    return path
-
-
-@pytest.fixture(scope="session")
 def digits(digits_data_dir) -> data.Dataset:
     return data.load("digits", data_dir=digits_data_dir)
 

@@ -13,25 +13,13 @@ from pathlib import Path
 
 import pytest
 
-from flaxcnn import data
-
 ROOT = Path(__file__).resolve().parents[2]
 EXPERIMENTS = ROOT / "experiments"
 sys.path.insert(0, str(EXPERIMENTS))  # so tests can import the scripts' pure functions
 
 
 @pytest.fixture(scope="session")
-def experiments_data_dir(tmp_path_factory) -> Path:
-    """A data directory with the digits prepared once for all experiment tests."""
-    path = tmp_path_factory.mktemp("tfds")
-    data.load("digits", data_dir=path)
-    return path
-
-
-@pytest.fixture(scope="session")
-def run_experiment(
-    tmp_path_factory, experiments_data_dir: Path
-) -> Callable[..., tuple[dict, Path]]:
+def run_experiment(tmp_path_factory, digits_data_dir: Path) -> Callable[..., tuple[dict, Path]]:
     """`record, out = run_experiment("NAME", *extra)`: run it with --smoke into a fresh
     directory; returns the parsed `NAME.json` and the directory holding the page and figures.
     Fails with the script's output if it exits non-zero."""
@@ -41,7 +29,7 @@ def run_experiment(
         out = tmp_path / "results"
         command = [sys.executable, str(EXPERIMENTS / f"{name}.py"), "--smoke", "--out", str(out),
                    "--workdir", str(tmp_path / "work"), *extra]  # fmt: skip
-        env = {**os.environ, "TFDS_DATA_DIR": str(experiments_data_dir)}
+        env = {**os.environ, "TFDS_DATA_DIR": str(digits_data_dir)}
         proc = subprocess.run(
             command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
         )
