@@ -26,6 +26,7 @@ import logging
 import os
 import platform
 import shlex
+import shutil
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -78,10 +79,7 @@ class Run:
         """A fresh directory for one training run of this experiment."""
         path = self.workdir / label
         if path.exists():
-            # A rerun trains again from scratch; the trainer would otherwise resume.
-            import shutil
-
-            shutil.rmtree(path)
+            shutil.rmtree(path)  # a rerun trains from scratch; the trainer would resume
         return path
 
 
