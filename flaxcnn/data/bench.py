@@ -6,10 +6,10 @@ Measures the host alone (no model, no accelerator): how fast batches come out of
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import time
 
+from flaxcnn import cli
 from flaxcnn.data.dataset import Dataset
 from flaxcnn.data.loading import load
 from flaxcnn.data.pipeline import TrainPipeline
@@ -34,6 +34,8 @@ def measure_throughput(
     seed: int = 0,
 ) -> Throughput:
     """Time ``batches`` batches after the first (which pays for start-up and caching)."""
+    if batches < 1:
+        raise ValueError(f"batches must be positive, got {batches}")
     start = time.perf_counter()
     pipeline = TrainPipeline(
         dataset,
@@ -59,7 +61,7 @@ def measure_throughput(
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m flaxcnn.data.bench", description=__doc__)
+    parser = cli.ArgumentParser(prog="python -m flaxcnn.data.bench", description=__doc__)
     parser.add_argument("--dataset", default="digits", help="digits, folder:PATH or a TFDS name")
     parser.add_argument(
         "--data-dir", default=None, help="default: $TFDS_DATA_DIR or ~/tensorflow_datasets"
@@ -71,16 +73,29 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--workers", type=int, default=0, help="grain worker processes")
     parser.add_argument("--batches", type=int, default=300, help="batches to time")
     args = parser.parse_args(argv)
-    dataset = load(args.dataset, data_dir=args.data_dir)
-    result = measure_throughput(
-        dataset,
-        global_batch_size=args.batch_size,
-        image_size=args.image_size,
-        channels=args.channels,
-        augment=args.augment,
-        worker_count=args.workers,
-        batches=args.batches,
-    )
+    # Checked before loading, which may prepare (write) the data set.
+    for flag, value in (
+        ("--batch-size", args.batch_size),
+        ("--image-size", args.image_size),
+        ("--batches", args.batches),
+    ):
+        if value < 1:
+            cli.fail(f"{flag} must be positive, got {value}")
+    if args.workers < 0:
+        cli.fail(f"--workers must be >= 0, got {args.workers}")
+    try:
+        dataset = load(args.dataset, data_dir=args.data_dir)
+        result = measure_throughput(
+            dataset,
+            global_batch_size=args.batch_size,
+            image_size=args.image_size,
+            channels=args.channels,
+            augment=args.augment,
+            worker_count=args.workers,
+            batches=args.batches,
+        )
+    except ValueError as error:  # DatasetNotPrepared and UsageError are ValueErrors too.
+        cli.fail(str(error))
     print(
         f"{args.dataset} {args.image_size}x{args.image_size}x{args.channels}"
         f"{' augmented' if args.augment else ''}, global batch {args.batch_size}, "

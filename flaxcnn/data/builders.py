@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import functools
 import io
+import logging
+import os
 import sys
 from collections.abc import Sequence
 
@@ -19,14 +21,49 @@ from flaxcnn.data.dataset import (
 )
 
 ARRAY_RECORD = tfds.core.FileFormat.ARRAY_RECORD
+OPENCV_WARNING = "OpenCV is not installed"
+MISSING_VARIANT_WARNING = "Variant folder %s has no"
 
 
-def prepare_array_record(builder: tfds.core.DatasetBuilder, quiet: bool = False) -> None:
+class _NoOpenCVWarning(logging.Filter):
+    """Drops tfds's advice to install OpenCV, logged (through absl) on the first image decoded.
+
+    Pillow decodes our small PNGs well enough, and the warning would otherwise reach every
+    user of evaluate and train; other absl warnings still pass.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(OPENCV_WARNING)
+
+
+class _NoMissingVariantWarning(logging.Filter):
+    """Drops tfds's warning that a version folder has no dataset_info.json, when there is no
+    such folder at all: tfds logs it on opening any set not prepared yet (twice for the
+    digits), while flaxcnn then prepares the set or says in one line why it cannot."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (
+            str(record.msg).startswith(MISSING_VARIANT_WARNING)
+            and isinstance(record.args, tuple)
+            and record.args
+            and not os.path.isdir(record.args[0])
+        )
+
+
+for _filter in (_NoOpenCVWarning, _NoMissingVariantWarning):
+    if not any(isinstance(f, _filter) for f in logging.getLogger("absl").filters):
+        logging.getLogger("absl").addFilter(_filter())
+
+
+def prepare_array_record(
+    builder: tfds.core.DatasetBuilder, quiet: bool = False, shown_dir: str | os.PathLike = ""
+) -> None:
     """Prepare ``builder`` as array_record, never fetching TFDS's pre-built copies from GCS.
 
     ``quiet`` (local data: the digits, a folder) replaces tfds's progress bars and its
     "Downloading and preparing" banner, which would be wrong for offline data and take
-    seconds at most, by one line on stderr.
+    seconds at most, by one line on stderr. That line names ``shown_dir``, the final
+    location, when the builder writes into a staging directory renamed into place afterwards.
     """
     prepare = functools.partial(
         builder.download_and_prepare,
@@ -36,7 +73,7 @@ def prepare_array_record(builder: tfds.core.DatasetBuilder, quiet: bool = False)
     if not quiet:
         prepare()
         return
-    print(f"preparing {builder.name} once in {builder.data_dir}", file=sys.stderr)
+    print(f"preparing {builder.name} once in {shown_dir or builder.data_dir}", file=sys.stderr)
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         prepare()
 

@@ -104,7 +104,7 @@ def _prepare_or_explain(builder: tfds.core.DatasetBuilder, name: str, root: Path
             f"{name} is not prepared in {root} and the network is unreachable; where it is "
             f"reachable, run: {command}"
         )
-    with exclusive_lock(root / f".{base_name(name)}.lock"):
+    with exclusive_lock(root / f".{base_name(name)}.lock", data_dir=root, what=name):
         builder = _builder(name, root)
         if builder.is_prepared():
             return

@@ -15,6 +15,7 @@ the training split's mean and std.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import ClassVar
 
 import numpy as np
@@ -25,7 +26,12 @@ from sklearn.model_selection import train_test_split
 from flaxcnn.data.builders import dataset_from_builder, prepare_array_record
 from flaxcnn.data.dataset import Dataset
 from flaxcnn.data.imaging import ChannelStats, encode_png
-from flaxcnn.data.storage import exclusive_lock, resolve_data_dir
+from flaxcnn.data.storage import (
+    check_writable,
+    exclusive_lock,
+    resolve_data_dir,
+    write_failed,
+)
 
 NAME = "digits"
 TEST_FRACTION = 0.2
@@ -105,12 +111,17 @@ def load_digits(data_dir: str | os.PathLike | None = None) -> Dataset:
     root = resolve_data_dir(data_dir)
     builder = Digits(data_dir=os.fspath(root))
     if not builder.is_prepared():
-        with exclusive_lock(root / f".{NAME}.lock"):
+        # tfds writes under <root>/digits and keeps downloads/ (empty here) in root itself.
+        check_writable(root, [Path(builder.data_path).parent], NAME)
+        with exclusive_lock(root / f".{NAME}.lock", data_dir=root, what=NAME):
             builder = Digits(data_dir=os.fspath(root))
             if not builder.is_prepared():
                 # tfds writes into an "incomplete" directory and renames it when done, so an
                 # interrupted preparation never looks prepared.
-                prepare_array_record(builder, quiet=True)
+                try:
+                    prepare_array_record(builder, quiet=True)
+                except OSError as error:  # A full disk, say: one line, like bad input.
+                    raise write_failed(root, NAME, error) from None
     metadata = builder.info.metadata
     return dataset_from_builder(
         builder, name=NAME, mean=metadata["mean"], std=metadata["std"], hflip=metadata["hflip"]

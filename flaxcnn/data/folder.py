@@ -40,7 +40,12 @@ from flaxcnn.data.builders import dataset_from_builder, prepare_array_record
 from flaxcnn.data.dataset import Dataset
 from flaxcnn.data.folder_listing import Example, FolderListing, list_folder
 from flaxcnn.data.imaging import ChannelStats, encode_png, resize_square
-from flaxcnn.data.storage import exclusive_lock, resolve_data_dir
+from flaxcnn.data.storage import (
+    check_writable,
+    exclusive_lock,
+    resolve_data_dir,
+    write_failed,
+)
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +56,8 @@ MAX_STORED_SIDE = 256
 GRAY_MODES = frozenset({"1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"})
 # EXIF orientations that swap width and height.
 TRANSPOSING_ORIENTATIONS = frozenset({5, 6, 7, 8})
+# Both spellings: the user may be at the command line or in Python.
+SKIP_HINT = "skip them with --skip-corrupt (command line) or skip_corrupt=True (Python)"
 
 
 class UnreadableImage(ValueError):
@@ -72,7 +79,10 @@ class StoragePlan:
 
 
 def _unreadable(path: Path, error: Exception) -> UnreadableImage:
-    reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+    if path.is_symlink() and not path.exists():  # Dangling, or a loop of links.
+        reason = f"broken symbolic link to {os.readlink(path)}"
+    else:
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
     return UnreadableImage(f"cannot read image {path}: {reason}")
 
 
@@ -232,28 +242,43 @@ def _readable(
     return kept, headers
 
 
-def _prepare(listing: FolderListing, target: Path, skip_corrupt: bool) -> None:
-    """Prepare into a staging directory beside ``target`` and rename it into place."""
-    home = target.parent
-    for leftover in home.glob(f"{STAGING_PREFIX}*"):  # from killed preparations
-        shutil.rmtree(leftover, ignore_errors=True)
+@dataclasses.dataclass(frozen=True)
+class Checked:
+    """The examples whose headers Pillow read, the plan for storing them, and what is skipped."""
+
+    train: list[Example]
+    test: list[Example]
+    plan: StoragePlan
+    skipped: list[str]
+
+
+def check_images(listing: FolderListing, skip_corrupt: bool) -> Checked:
+    """Read every image's header: UnreadableImage unless ``skip_corrupt``. Writes nothing."""
     skipped = [p.relative_to(listing.root).as_posix() for p in listing.strays]
     train, train_headers = _readable(listing.train, skip_corrupt, skipped, listing.root)
     test, test_headers = _readable(listing.test, skip_corrupt, skipped, listing.root)
     if not train or not test:
         raise ValueError(f"{PREFIX}{listing.root}: no readable images left in a split")
+    return Checked(train, test, storage_plan(train_headers + test_headers), skipped)
+
+
+def _prepare(listing: FolderListing, checked: Checked, target: Path, skip_corrupt: bool) -> None:
+    """Prepare into a staging directory beside ``target`` and rename it into place."""
+    home = target.parent
+    for leftover in home.glob(f"{STAGING_PREFIX}*"):  # from killed preparations
+        shutil.rmtree(leftover, ignore_errors=True)
     staging = home / f"{STAGING_PREFIX}{target.name}-{os.getpid()}"
     try:
         builder = FolderImages(
             listing=listing,
-            train=train,
-            test=test,
-            plan=storage_plan(train_headers + test_headers),
+            train=checked.train,
+            test=checked.test,
+            plan=checked.plan,
             skip_corrupt=skip_corrupt,
-            skipped=skipped,
+            skipped=checked.skipped,
             data_dir=os.fspath(staging),
         )
-        prepare_array_record(builder, quiet=True)
+        prepare_array_record(builder, quiet=True, shown_dir=target)
         try:
             os.rename(builder.data_path, target)
         except OSError:
@@ -295,7 +320,7 @@ def load_folder(
         first = listing.strays[0].relative_to(listing.root).as_posix()
         raise ValueError(
             f"{where}: {len(listing.strays)} file(s) are not PNG/JPEG images in a class "
-            f"directory (first: {first}); remove them or pass skip_corrupt=True to skip them"
+            f"directory (first: {first}); remove them, or {SKIP_HINT}"
         )
     fingerprint = listing.fingerprint(
         str(FolderImages.VERSION),
@@ -307,12 +332,22 @@ def load_folder(
     home = prepared_home(listing.root, data_dir)
     prepared = home / fingerprint
     if not _is_prepared(prepared):
-        with exclusive_lock(home / ".lock"):
-            if not _is_prepared(prepared):
-                try:
-                    _prepare(listing, prepared, skip_corrupt)
-                except UnreadableImage as error:
-                    raise ValueError(f"{where}: {error}") from None
+        # The data dir and every image's header are checked before anything is written (an
+        # image whose header reads but whose pixels do not still stops the preparation).
+        root = resolve_data_dir(data_dir)
+        check_writable(root, [home], where)
+        try:
+            checked = check_images(listing, skip_corrupt)
+            with exclusive_lock(home / ".lock", data_dir=root, what=where):
+                if not _is_prepared(prepared):
+                    try:
+                        _prepare(listing, checked, prepared, skip_corrupt)
+                    except OSError as error:  # Images are read as UnreadableImage: a full disk.
+                        raise write_failed(root, where, error) from None
+        except UnreadableImage as error:
+            raise ValueError(
+                f"{where}: {error}; remove unreadable images, or {SKIP_HINT}"
+            ) from None
     builder = tfds.builder_from_directory(os.fspath(prepared))
     metadata = builder.info.metadata
     if metadata["skipped"]:

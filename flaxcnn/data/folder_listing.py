@@ -93,6 +93,18 @@ def _stratified_split(
     return [examples[i] for i in sorted(train)], [examples[i] for i in sorted(test)]
 
 
+def _stat(file: Path, where: str) -> os.stat_result:
+    """The file's stat, or for a broken symbolic link the link's own (preparation then reports
+    or skips it as an unreadable image, and fixing the link changes the fingerprint)."""
+    try:
+        return file.stat()
+    except OSError:
+        try:
+            return file.lstat()
+        except OSError as error:  # Removed while listing, say.
+            raise ValueError(f"{where}: cannot read {file}: {error.strerror or error}") from None
+
+
 def list_folder(path: str | os.PathLike) -> FolderListing:
     """Walk and check a class-per-subdirectory image folder; ValueError (one line) if unusable."""
     where = f"folder:{path}"
@@ -139,7 +151,7 @@ def list_folder(path: str | os.PathLike) -> FolderListing:
 
     file_stats = []
     for file in _walk_files(root):
-        stat = file.stat()
+        stat = _stat(file, where)
         file_stats.append((file.relative_to(root).as_posix(), stat.st_size, stat.st_mtime_ns))
     return FolderListing(
         root=root,

@@ -20,7 +20,8 @@ def load(
     Prepares it first where needed and possible. Raises :class:`DatasetNotPrepared` or
     ``ValueError``, each with a one-line message, for unknown names, unprepared sets and
     unusable folders. ``skip_corrupt`` applies to folders: skip unreadable images and stray
-    files instead of stopping.
+    files instead of stopping. It is ignored for the digits and TFDS sets, which hold no
+    files of the user's that could be corrupt, so a trainer can pass its flag unconditionally.
     """
     if not isinstance(name, str) or not name.strip():
         raise ValueError(f"a data set name must be a non-empty string, got {name!r}")

@@ -11,6 +11,24 @@ Every model takes NHWC input and an explicit `train` flag; BatchNorm statistics 
 
 # Importing a family registers its variants.
 from flaxcnn.models import alexnet, inception, lenet, netresdeep, resnet, simple, vgg  # noqa: F401
-from flaxcnn.models.registry import ModelSpec, create, get_spec, names, options, register
+from flaxcnn.models.registry import (
+    SMALL_INPUT_MAX,
+    ModelSpec,
+    create,
+    get_spec,
+    names,
+    options,
+    register,
+    resolve_input,
+)
 
-__all__ = ["ModelSpec", "create", "get_spec", "names", "options", "register"]
+__all__ = [
+    "SMALL_INPUT_MAX",
+    "ModelSpec",
+    "create",
+    "get_spec",
+    "names",
+    "options",
+    "register",
+    "resolve_input",
+]

@@ -2,12 +2,13 @@
 
 python -m flaxcnn.models
 python -m flaxcnn.models --summary resnet50 --image-size 224 --num-classes 1000
+python -m flaxcnn.models --options googlenet
 """
 
 from __future__ import annotations
 
 from flaxcnn import cli, models
-from flaxcnn.models import summary
+from flaxcnn.models import parsing, summary
 
 
 def list_models() -> str:
@@ -25,17 +26,47 @@ def list_models() -> str:
     )
 
 
-def summarise(name: str, image_size: int | None, num_classes: int | None, depth: int | None):
+def list_options(name: str) -> str:
+    """The options `--model-option KEY=VALUE` (and `models.create`) accept for `name`."""
+    rows = [("option", "default", "accepts"), *parsing.describe(name)]
+    if len(rows) == 1:
+        return f"{name} has no options"
+    widths = [max(len(r[i]) for r in rows) for i in range(2)]
+    lines = [f"{r[0].ljust(widths[0])}  {r[1].ljust(widths[1])}  {r[2]}" for r in rows]
+    return f"options of {name} (--model-option KEY=VALUE):\n" + "\n".join(lines)
+
+
+def summarise(
+    name: str,
+    image_size: int | None,
+    num_classes: int | None,
+    depth: int | None,
+    given: dict | None = None,
+):
+    """The per-layer table of the network training would build at `image_size`.
+
+    Small sizes get the small-input stem, as in the trainer (`models.resolve_input`), so that
+    the parameter count shown is the one a run at that --image-size has.
+    """
     spec = models.get_spec(name)
-    size = image_size or spec.input_size
-    if size < spec.min_size:
+    size, options = models.resolve_input(spec, spec.input_size, image_size)
+    if not options and size < spec.min_size:
         raise cli.UsageError(f"{name} needs --image-size of at least {spec.min_size}, got {size}")
-    model = models.create(name, num_classes=num_classes)
+    options = {**options, **parsing.parse_options(name, given or {})}
+    model = models.create(name, num_classes=num_classes, **options)
     shape = (1, size, size, spec.in_channels)
     rows = summary.layer_table(model, shape, depth=depth)
     total = summary.count_params(model, shape)
     classes = num_classes or spec.num_classes
     title = f"{name} on {size}x{size}x{spec.in_channels}, {classes} classes (eval mode)"
+    if options.get("small_stem"):
+        title += (
+            "\nsmall-input stem: small_stem=True (what training uses for inputs of at most "
+            f"{models.SMALL_INPUT_MAX} pixels a side)"
+        )
+    others = {k: v for k, v in options.items() if k != "small_stem"}
+    if others:
+        title += "\noptions: " + ", ".join(f"{k}={v}" for k, v in others.items())
     return f"{title}\n{summary.format_table(rows, total_params=total)}"
 
 
@@ -47,6 +78,15 @@ def main(argv: list[str] | None = None) -> None:
         "multiply-adds per image).",
     )
     parser.add_argument("--summary", metavar="ARCH", help="architecture to summarise")
+    parser.add_argument(
+        "--options", metavar="ARCH", help="list the options of an architecture (--model-option)"
+    )
+    parser.add_argument(
+        "--model-option",
+        action="append",
+        metavar="KEY=VALUE",
+        help="with --summary: an option of the architecture, as in training (repeatable)",
+    )
     parser.add_argument(
         "--image-size", type=int, help="square input side (default: the design size)"
     )
@@ -60,12 +100,19 @@ def main(argv: list[str] | None = None) -> None:
         if value is not None and value < 1:
             parser.error(f"--{flag.replace('_', '-')} must be positive, got {value}")
     if args.summary is None:
-        if any(getattr(args, f) is not None for f in ("image_size", "num_classes", "depth")):
-            parser.error("--image-size, --num-classes and --depth need --summary ARCH")
-        print(list_models())
+        summary_flags = ("image_size", "num_classes", "depth", "model_option")
+        if any(getattr(args, f) is not None for f in summary_flags):
+            parser.error(
+                "--image-size, --num-classes, --depth and --model-option need --summary ARCH"
+            )
+        try:
+            print(list_options(args.options) if args.options else list_models())
+        except ValueError as e:
+            cli.fail(str(e))
         return
     try:
-        print(summarise(args.summary, args.image_size, args.num_classes, args.depth))
+        given = parsing.parse_assignments(args.model_option)
+        print(summarise(args.summary, args.image_size, args.num_classes, args.depth, given))
     except ValueError as e:
         cli.fail(str(e))
 

@@ -15,6 +15,8 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+SMALL_INPUT_MAX = 64  # at or below this side, use a model's small-input stem if it has one
+
 
 @dataclasses.dataclass(frozen=True)
 class ModelSpec:
@@ -72,6 +74,27 @@ def _module_fields(builder: Callable[..., nn.Module]) -> dict[str, dataclasses.F
         for f in dataclasses.fields(cls)
         if f.init and f.name not in ("parent", "name") and f.name not in fixed
     }
+
+
+def resolve_input(
+    spec: ModelSpec, native: int, requested: int | None
+) -> tuple[int, dict[str, Any]]:
+    """The input side and the model options for it, for images `native` pixels a side.
+
+    By default the images' own size, raised to what the model needs; images of at most
+    SMALL_INPUT_MAX pixels use the model's small-input stem (e.g. ResNet's 3x3 stride-1 stem
+    without max-pool), which keeps 32x32-class images from being downsampled to nothing.
+    Here rather than in the trainer so that the summary and the benchmark build the same
+    network that training does.
+    """
+    size = requested or native
+    small = bool(spec.small_input_options) and size <= SMALL_INPUT_MAX < spec.input_size
+    if requested is None and not small:
+        # Networks designed for small images (LeNet's 32x32) get their design size; the
+        # others the smallest size they accept (VGG: 32, AlexNet: 63), not 224.
+        design = spec.input_size if spec.input_size <= SMALL_INPUT_MAX else spec.min_size
+        size = max(size, design)
+    return size, dict(spec.small_input_options) if small else {}
 
 
 def options(name: str) -> dict[str, Any]:

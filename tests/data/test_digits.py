@@ -1,5 +1,8 @@
 """The embedded digits: prepared offline into a TFDS array_record data set, fixed split."""
 
+import subprocess
+import sys
+
 import numpy as np
 import tensorflow_datasets as tfds
 from sklearn.datasets import load_digits
@@ -55,3 +58,30 @@ def test_tfds_reads_it_by_name_and_prepares_only_once(digits_data_dir):
 def test_default_data_dir_follows_tfds_data_dir(monkeypatch, tmp_path):
     monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path))
     assert data.default_data_dir() == tmp_path
+
+
+def test_preparation_message_names_the_final_directory(tmp_path, capsys):
+    data.load("digits", data_dir=tmp_path)
+    (final,) = tmp_path.glob("digits/*/dataset_info.json")
+    message = capsys.readouterr().err
+    assert f"preparing digits once in {final.parent}\n" in message
+    assert "incomplete" not in message
+
+
+def test_skip_corrupt_is_ignored_for_the_digits(digits_data_dir):
+    ds = data.load("digits", data_dir=digits_data_dir, skip_corrupt=True)
+    assert ds.info.num_train == 1437
+
+
+def test_reading_prints_no_opencv_warning(digits_data_dir):
+    code = (
+        "import logging, sys; from flaxcnn import data\n"
+        "ds = data.load('digits', data_dir=sys.argv[1]); ds.train[0]; ds.test[0]\n"
+        "logging.getLogger('absl').warning('other absl warnings still show')"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code, str(digits_data_dir)], capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "OpenCV" not in result.stderr
+    assert "other absl warnings still show" in result.stderr

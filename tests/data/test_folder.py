@@ -82,6 +82,8 @@ def test_corrupt_image_stops_with_a_one_line_message_naming_it(image_folder, tmp
         data.load(f"folder:{folder}", data_dir=tmp_path / "tfds")
     message = str(error.value)
     assert "broken.png" in message and "\n" not in message
+    # Names the way out for both the trainer's users and Python's.
+    assert "--skip-corrupt" in message and "skip_corrupt=True" in message
     assert prepared_versions(folder, tmp_path / "tfds") == []
 
 
@@ -91,6 +93,15 @@ def test_truncated_image_stops_preparation(image_folder, tmp_path):
     (folder / "cat" / "cut.jpg").write_bytes(whole[: len(whole) // 2])
     with pytest.raises(ValueError, match=r"cut\.jpg"):
         data.load(f"folder:{folder}", data_dir=tmp_path / "tfds")
+
+
+def test_preparation_message_names_the_final_directory(image_folder, tmp_path, capsys):
+    folder, data_dir = image_folder(per_class=5), tmp_path / "tfds"
+    data.load(f"folder:{folder}", data_dir=data_dir)
+    (version,) = prepared_versions(folder, data_dir)
+    final = prepared_home(folder.resolve(), data_dir) / version
+    message = capsys.readouterr().err
+    assert f"once in {final}\n" in message and ".incomplete-" not in message
 
 
 def test_skip_corrupt_skips_and_counts(image_folder, tmp_path, caplog):
@@ -107,8 +118,9 @@ def test_stray_files_get_a_clear_message(image_folder, tmp_path):
     folder = image_folder(per_class=5)
     (folder / "owl" / "notes.txt").write_text("not an image")
     (folder / ".DS_Store").write_bytes(b"hidden files are ignored")
-    with pytest.raises(ValueError, match=r"1 file\(s\) are not PNG/JPEG.*owl/notes.txt"):
+    with pytest.raises(ValueError, match=r"1 file\(s\) are not PNG/JPEG.*owl/notes.txt") as error:
         data.load(f"folder:{folder}", data_dir=tmp_path / "tfds")
+    assert "--skip-corrupt" in str(error.value) and "skip_corrupt=True" in str(error.value)
     ds = data.load(f"folder:{folder}", data_dir=tmp_path / "tfds", skip_corrupt=True)
     assert ds.info.num_train + ds.info.num_test == 15
 
@@ -190,3 +202,23 @@ def test_killed_preparation_leaves_nothing_that_looks_prepared(image_folder, tmp
     assert ds.info.num_train + ds.info.num_test == 14
     assert not list(home.glob(".incomplete-*"))
     assert len(prepared_versions(folder, data_dir)) == 1
+
+
+def test_dangling_symlink_is_an_unreadable_image_named_in_one_line(image_folder, tmp_path):
+    folder = image_folder(per_class=5)
+    (folder / "cat" / "x.png").symlink_to(tmp_path / "nonexistent.png")
+    with pytest.raises(ValueError) as error:
+        data.load(f"folder:{folder}", data_dir=tmp_path / "tfds")
+    message = str(error.value)
+    assert f"{folder / 'cat' / 'x.png'}: broken symbolic link to" in message
+    assert "\n" not in message and "--skip-corrupt" in message
+    assert not (tmp_path / "tfds").exists()  # Found before anything was written.
+
+
+def test_dangling_symlink_is_skipped_with_skip_corrupt(image_folder, tmp_path, caplog):
+    folder = image_folder(per_class=5)
+    (folder / "owl" / "loop.jpg").symlink_to("loop.jpg")  # A loop of links is broken too.
+    (folder / "cat" / "x.png").symlink_to(tmp_path / "nonexistent.png")
+    ds = data.load(f"folder:{folder}", data_dir=tmp_path / "tfds", skip_corrupt=True)
+    assert ds.info.num_train + ds.info.num_test == 15
+    assert "2 file(s) skipped" in caplog.text

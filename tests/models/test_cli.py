@@ -34,6 +34,28 @@ def test_summary_options(capsys):
 
 
 @pytest.mark.parametrize(
+    "size, params, small",
+    [("8", "21,282,122", True), ("224", "21,289,802", False)],  # 3x3 stem / 7x7 stem
+)
+def test_summary_builds_what_training_builds(capsys, size, params, small):
+    cli.main(["--summary", "resnet34", "--image-size", size, "--num-classes", "10"])
+    out = capsys.readouterr().out
+    total = next(line for line in out.splitlines() if line.startswith("total"))
+    assert params in total
+    assert ("small-input stem: small_stem=True" in out) == small
+
+
+def test_resolve_input_picks_the_small_stem_for_small_images():
+    resnet, lenet, vgg = (models.get_spec(n) for n in ("resnet18", "lenet5", "vgg11"))
+    assert models.resolve_input(resnet, 28, None) == (28, {"small_stem": True})
+    assert models.resolve_input(resnet, 28, models.SMALL_INPUT_MAX + 1) == (65, {})
+    assert models.resolve_input(resnet, 224, None) == (224, {})
+    assert models.resolve_input(lenet, 8, None) == (32, {})  # its design size
+    assert models.resolve_input(vgg, 8, None) == (32, {})  # the smallest it accepts
+    assert models.resolve_input(vgg, 8, 40) == (40, {})
+
+
+@pytest.mark.parametrize(
     "argv, message",
     [
         (["--summary", "resnet"], "unknown architecture 'resnet'"),
@@ -51,3 +73,25 @@ def test_bad_input_is_one_line_and_exit_2(argv, message):
     assert message in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_options_are_listed_with_defaults_and_accepted_values(capsys):
+    cli.main(["--options", "lenet5"])
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "options of lenet5 (--model-option KEY=VALUE):"
+    rows = {line.split()[0]: line.split(None, 2)[1:] for line in out[2:]}
+    assert rows == {
+        "activation": ["relu", "relu | tanh"],
+        "c1_padding": ["0", "int"],
+        "pooling": ["max", "max | avg"],
+    }
+
+
+def test_summary_takes_model_options_as_training_does(capsys):
+    cli.main(["--summary", "lenet5", "--model-option", "c1_padding=2", "--image-size", "28"])
+    out = capsys.readouterr().out
+    assert "options: c1_padding=2" in out and "28x28x6" in out
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["--summary", "lenet5", "--model-option", "padding=2"])
+    assert exit_.value.code == 2
+    assert "its options are: activation, c1_padding, pooling" in capsys.readouterr().err
