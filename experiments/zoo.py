@@ -14,7 +14,7 @@ flaxcnn's public functions:
   tests/reference/torchvision.json (torchvision, the course's own figures, He et al.'s
   rounded CIFAR counts) where one exists;
 * on this machine, at the input the trainer picks for the digits (8x8 raised to each model's
-  minimum; ResNet-18..152 use their small-input stem; `flaxcnn.training.loop.resolve_input`):
+  minimum; ResNet-18..152 use their small-input stem; `flaxcnn.models.resolve_input`):
   train and eval images per second and the train step's compile time from
   `flaxcnn.bench.benchmark` (synthetic data, the trainer's default optimizer);
 * test accuracy on the digits after one fixed budget (the same epochs and batch for every
@@ -55,7 +55,7 @@ import numpy as np
 
 from flaxcnn import bench, cli, data, models
 from flaxcnn.models import summary
-from flaxcnn.training import TrainConfig, loop, train
+from flaxcnn.training import TrainConfig, train
 
 ROOT = Path(__file__).resolve().parents[1]
 REFERENCE = ROOT / "tests" / "reference" / "torchvision.json"
@@ -197,7 +197,7 @@ def params_match(measured: int, published: float, source: str) -> bool:
 
 def digits_input(arch: str, native: int) -> tuple[int, dict[str, Any]]:
     """The input side and model options the trainer picks for `native`-pixel images."""
-    return loop.resolve_input(models.get_spec(arch), native, None)
+    return models.resolve_input(models.get_spec(arch), native, None)
 
 
 def digits_model(arch: str, size: int, options: dict[str, Any], num_classes: int) -> dict:
@@ -739,7 +739,7 @@ def write_page(
     page.text(
         f"Input, parameters and multiply-adds of the network the digits run trains: the "
         f"{native}x{native} digits raised to each model's minimum, ResNet-18..152 with their "
-        f"small-input stem, {num_classes} classes (`flaxcnn.training.loop.resolve_input`). "
+        f"small-input stem, {num_classes} classes (`flaxcnn.models.resolve_input`). "
         f"Throughput from `flaxcnn.bench.benchmark` {bench_where}: global batch "
         f"{settings.bench_batch}, {settings.bench_steps} timed step(s) after one compiling and "
         "one warm-up call, float32, synthetic data, the trainer's default optimizer; compile "

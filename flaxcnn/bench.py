@@ -4,8 +4,8 @@
 
 Speed targets live here, not in timed unit tests. Each architecture runs the trainer's own
 pieces on synthetic data (random normal images, random labels, fixed seed; no data set):
-the model from `flaxcnn.models.create`, the state from `training.state.create_state` with
-the trainer's default optimizer, and the steps from `training.parallel.make`. Measured:
+the network and train state from `training.build` (the trainer's builder) with the
+trainer's default optimizer, and the steps from `training.parallel.make`. Measured:
 
 * init: building the state (its jit compile included) and placing it on the devices;
 * compile: the first train (eval) step call, compile included;
@@ -30,9 +30,11 @@ import numpy as np
 
 from flaxcnn import cli, models
 from flaxcnn.models import summary
-from flaxcnn.training import loop, optim, parallel, steps
+from flaxcnn.training import optim, parallel, steps
+from flaxcnn.training.build import Network, create_train_state
 from flaxcnn.training.config import TrainConfig
-from flaxcnn.training.state import create_state
+from flaxcnn.training.resolve import get_spec
+from flaxcnn.training.rundir import write_json_atomic
 
 DEFAULT_ARCHS = ("lenet5", "resnet20", "resnet34")
 DTYPES = ("float32", "bfloat16")
@@ -45,29 +47,16 @@ SEED = 0
 class Plan:
     """One validated benchmark: everything resolved, nothing compiled yet."""
 
-    arch: str
-    image_size: int
-    in_channels: int
-    model_options: dict[str, Any]
+    network: Network
     batch_size: int
     steps: int
-    dtype: str
     parallel: str
-    num_classes: int
     params: int
     macs: int
 
-    def create_model(self, axis_name: str | None):
-        return models.create(
-            self.arch,
-            num_classes=self.num_classes,
-            dtype=self.dtype,
-            axis_name=axis_name,
-            **self.model_options,
-        )
-
-    def input_shape(self, batch: int = 1) -> tuple[int, int, int, int]:
-        return (batch, self.image_size, self.image_size, self.in_channels)
+    @property
+    def arch(self) -> str:
+        return self.network.arch
 
 
 def plan(
@@ -83,7 +72,7 @@ def plan(
     """Check every argument and resolve the input size; raises `cli.UsageError`.
 
     Without `image_size`, the model's design size; sizes of at most
-    `loop.SMALL_INPUT_MAX` on a network designed for larger ones use its small-input
+    `models.SMALL_INPUT_MAX` on a network designed for larger ones use its small-input
     options (ResNet's small stem), exactly as the trainer chooses them.
     """
     for name, value in [
@@ -102,35 +91,30 @@ def plan(
         raise cli.UsageError(
             f"unknown parallel strategy {parallel!r}; choose from {', '.join(STRATEGIES)}"
         )
-    spec = loop.get_spec(arch)
+    spec = get_spec(arch)
     devices = jax.device_count()
     if batch_size % devices:
         raise cli.UsageError(
             f"--batch-size {batch_size} does not divide evenly over {devices} devices"
         )
-    size, options = loop.resolve_input(spec, spec.input_size, image_size)
+    size, options = models.resolve_input(spec, spec.input_size, image_size)
     if not options and size < spec.min_size:
         raise cli.UsageError(f"{arch} needs --image-size of at least {spec.min_size}, got {size}")
-    result = Plan(
+    network = Network(
         arch=arch,
+        num_classes=num_classes,
         image_size=size,
         in_channels=spec.in_channels,
-        model_options=options,
-        batch_size=batch_size,
-        steps=steps,
         dtype=dtype,
-        parallel=parallel,
-        num_classes=num_classes,
-        params=0,
-        macs=0,
+        options=options,
     )
-    model = result.create_model(axis_name=None)
+    model = network.create()
     try:  # abstract evaluation only: the models check their minimum input size here
-        params = summary.count_params(model, result.input_shape())
-        macs = summary.total_macs(model, result.input_shape())
+        params = summary.count_params(model, network.input_shape())
+        macs = summary.total_macs(model, network.input_shape())
     except ValueError as e:
         raise cli.UsageError(str(e)) from None
-    return dataclasses.replace(result, params=params, macs=macs)
+    return Plan(network, batch_size, steps, parallel, params, macs)
 
 
 def synthetic_batch(p: Plan, seed: int = SEED) -> dict[str, np.ndarray]:
@@ -138,23 +122,21 @@ def synthetic_batch(p: Plan, seed: int = SEED) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
     n = p.batch_size // jax.process_count()
     return {
-        "image": rng.standard_normal(p.input_shape(n), dtype=np.float32),
-        "label": rng.integers(0, p.num_classes, size=n, dtype=np.int32),
+        "image": rng.standard_normal(p.network.input_shape(n), dtype=np.float32),
+        "label": rng.integers(0, p.network.num_classes, size=n, dtype=np.int32),
         "mask": np.ones(n, dtype=bool),
     }
 
 
 def make_optimizer(batch_size: int, total_steps: int):
     """The trainer's default optimizer, learning rate, schedule and weight decay."""
-    config = TrainConfig()
-    schedule = optim.make_schedule(
-        config.schedule,
-        optim.scaled_lr(optim.DEFAULT_LR[config.optimizer], batch_size),
-        total_steps,
-        warmup_steps=1,  # the trainer warms up over an epoch; a few steps here
+    settings = optim.OptimizerSettings.from_config(
+        TrainConfig(),
+        batch_size=batch_size,
+        total_steps=total_steps,
+        warmup_steps=1,  # the trainer warms up over an epoch; a step here
     )
-    decay = optim.DEFAULT_WEIGHT_DECAY[config.optimizer]
-    return optim.make_optimizer(config.optimizer, schedule, decay)
+    return settings.build()[0]
 
 
 def device_batch(par: parallel.DataParallel, host: dict[str, np.ndarray]) -> dict[str, Any]:
@@ -182,9 +164,7 @@ def run(p: Plan) -> dict[str, Any]:
     par = parallel.make(p.parallel)
 
     def init():
-        state = create_state(p.create_model(None), tx, p.input_shape(), SEED)
-        state = state.replace(apply_fn=p.create_model(steps.AXIS).apply)
-        return par.put_state(state)
+        return par.put_state(create_train_state(p.network, tx, SEED))
 
     dstate, init_sec = _timed(init)
     batch = device_batch(par, synthetic_batch(p))
@@ -211,17 +191,18 @@ def run(p: Plan) -> dict[str, Any]:
 
     images = p.steps * p.batch_size
     device = jax.devices()[0]
+    net = p.network
     return {
-        "arch": p.arch,
-        "image_size": p.image_size,
-        "in_channels": p.in_channels,
-        "model_options": p.model_options,
-        "num_classes": p.num_classes,
+        "arch": net.arch,
+        "image_size": net.image_size,
+        "in_channels": net.in_channels,
+        "model_options": net.options,
+        "num_classes": net.num_classes,
         "batch_size": p.batch_size,
         "per_device_batch": p.batch_size // jax.device_count(),
         "steps": p.steps,
         "warmup_steps": WARMUP_STEPS,
-        "dtype": p.dtype,
+        "dtype": net.dtype,
         "parallel": p.parallel,
         "params": p.params,
         "macs_per_image": p.macs,
@@ -319,7 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--image-size",
         type=int,
         help="square input side (default: each model's design size; at most "
-        f"{loop.SMALL_INPUT_MAX} on a larger design uses its small-input stem, marked *)",
+        f"{models.SMALL_INPUT_MAX} on a larger design uses its small-input stem, marked *)",
     )
     parser.add_argument(
         "--batch-size", type=int, default=128, help="global batch size (default: %(default)s)"
@@ -373,7 +354,7 @@ def main(argv: list[str] | None = None) -> None:
         ))  # fmt: skip
     if args.json:
         device = jax.devices()[0]
-        loop.write_json_atomic(
+        write_json_atomic(
             Path(args.json),
             {
                 "jax_version": jax.__version__,

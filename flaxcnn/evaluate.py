@@ -3,8 +3,8 @@
 Restores the best checkpoint of a run (else the latest, or the one at --step), rebuilds the
 model from the metadata saved with it, and classifies every test example exactly once
 (`flaxcnn.data.eval_batches`: padded batches whose padding is masked out). Reports top-1,
-top-5 and per-class accuracy and draws the confusion matrix (rows: true class, columns:
-predicted), by default to `DIR/confusion_matrix.png`.
+top-5 (with more than 5 classes) and per-class accuracy and draws the confusion matrix
+(rows: true class, columns: predicted), by default to `DIR/confusion_matrix.png`.
 
 The data and preprocessing are those of training, so top-1 equals the test accuracy the
 run logged at that step. One process, one device, one jitted function: evaluating a small
@@ -18,107 +18,27 @@ that --help and bad arguments answer at once.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import json
-import logging
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from flaxcnn import cli
-from flaxcnn.plot import PathLike, check_output, check_workdir, new_figure, save_png
+from flaxcnn.plot import PathLike, check_output, new_figure, save_png
+from flaxcnn.training.rundir import RunDir
 
 DEFAULT_NAME = "confusion_matrix.png"
 DEFAULT_BATCH_SIZE = 128
-CHECKPOINTS = "checkpoints"
-META_KEYS = ("arch", "num_classes", "class_names", "dataset", "image_size", "in_channels")
-
-
-def checkpoint_dir(workdir: Path) -> Path:
-    """The run's checkpoint directory; UsageError when it holds no checkpoint."""
-    directory = workdir / CHECKPOINTS
-    if not directory.is_dir() or not steps_on_disk(directory):
-        raise cli.UsageError(f"{workdir} has no checkpoint (no {CHECKPOINTS}/<step> in it)")
-    return directory
-
-
-def steps_on_disk(directory: Path) -> list[int]:
-    """The step-numbered subdirectories: a quick look, before orbax is imported (seconds)."""
-    return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit() and p.is_dir())
-
-
-def run_config(workdir: Path) -> dict:
-    """The run's resolved `config.json`, or {} where it is missing or unreadable."""
-    try:
-        config = json.loads((workdir / "config.json").read_text())
-    except (OSError, ValueError):
-        return {}
-    return config if isinstance(config, dict) else {}
-
-
-def choose_step(steps: list[int], best: int | None, latest: int | None, step: int | None) -> int:
-    """`step` when given (it must exist), else the best checkpoint, else the latest."""
-    if step is not None:
-        if step not in steps:
-            listed = ", ".join(map(str, sorted(steps)))
-            raise cli.UsageError(f"no checkpoint at step {step}; the run has steps {listed}")
-        return step
-    chosen = best if best is not None else latest
-    if chosen is None:
-        raise cli.UsageError("the run has no complete checkpoint")
-    return chosen
-
-
-@contextlib.contextmanager
-def absl_errors_only() -> Iterator[None]:
-    """Silence absl's warnings for a while: orbax warns that a read-only manager is read-only."""
-    logger = logging.getLogger("absl")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
-
-
-def restore(directory: Path, step: int | None) -> tuple[int, dict, dict]:
-    """(step, metadata, variables) of a checkpoint; variables are `params` and `batch_stats`."""
-    from flaxcnn.training.checkpoint import Checkpoints
-
-    # orbax warns that a read-only manager will not save, and that reading one item leaves
-    # the others unread: both are what is meant here.
-    with absl_errors_only():
-        ckpts = Checkpoints(directory, read_only=True)
-        try:
-            all_steps = ckpts.manager.all_steps()
-            step = choose_step(all_steps, ckpts.best_step(), ckpts.latest_step(), step)
-            meta = ckpts.read_meta(step)
-            missing = [k for k in META_KEYS if k not in meta]
-            if missing:
-                raise cli.UsageError(
-                    f"the checkpoint at step {step} lacks {', '.join(missing)} in its metadata"
-                )
-            state = ckpts.manager.restore(step)["state"]  # as saved: nested dicts of arrays
-        finally:
-            ckpts.close()
-    variables = {"params": state["params"], "batch_stats": state.get("batch_stats") or {}}
-    return step, meta, variables
 
 
 def build_model(meta: dict):
     """The network the checkpoint was trained as, without a data-parallel axis."""
-    from flaxcnn import models
+    from flaxcnn.training.build import Network
 
     try:
-        return models.create(
-            meta["arch"],
-            num_classes=meta["num_classes"],
-            dtype=meta.get("dtype", "float32"),
-            **(meta.get("model_options") or {}),
-        )
+        return Network.from_meta(meta).create()
     except ValueError as e:  # an architecture or option this version does not have
         raise cli.UsageError(str(e)) from None
 
@@ -141,51 +61,34 @@ def load_test_split(meta: dict, data_dir: PathLike | None):
 
 
 def make_classify(model, variables: dict):
-    """A jitted batch -> (top-1 prediction, top-5 hit, negative log-likelihood) per example.
-
-    The same computations as the training loop's `eval_step`, so the numbers agree. The
-    variables are placed on the device once, not with every batch.
-    """
+    """A jitted batch -> per-example metrics (`correct`, `loss`, and `correct_top5` with more
+    than 5 classes) and the top-1 prediction: the trainer's own evaluation
+    (`flaxcnn.training.evaluation`), kept per example. The variables are placed on the device
+    once, not with every batch."""
     import jax
     import jax.numpy as jnp
 
-    from flaxcnn import losses
+    from flaxcnn.training import evaluation
 
     variables = jax.device_put(variables)
 
     @jax.jit
     def classify(variables, images, labels):
-        logits = model.apply(variables, images, train=False)
-        if isinstance(logits, tuple):  # auxiliary heads, should a model return them
-            logits = logits[0]
-        top5 = jax.lax.top_k(logits, min(5, logits.shape[-1]))[1]
-        log_probs = jax.nn.log_softmax(logits.astype(jnp.float32))
-        return (
-            jnp.argmax(logits, -1),
-            jnp.any(top5 == labels[:, None], axis=-1),
-            -losses.true_class_log_prob(log_probs, labels),
-        )
+        logits = evaluation.logits(model.apply, variables, images)
+        return {**evaluation.example_metrics(logits, labels), "pred": jnp.argmax(logits, -1)}
 
     return lambda images, labels: classify(variables, images, labels)
 
 
-def predictions(classify, batches: Iterable[dict[str, np.ndarray]]) -> tuple[np.ndarray, ...]:
-    """(labels, predictions, top-5 hits, losses) of the real (unmasked) examples."""
-    parts: list[tuple[np.ndarray, ...]] = [
-        (np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, bool), np.zeros(0))
-    ]
+def predictions(classify, batches: Iterable[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """`label` and every output of `classify`, for the real (unmasked) examples."""
+    parts: dict[str, list[np.ndarray]] = {}
     for batch in batches:
-        pred, hit5, nll = classify(batch["image"], batch["label"])
         mask = np.asarray(batch["mask"], bool)
-        parts.append(
-            (
-                np.asarray(batch["label"], np.int64)[mask],
-                np.asarray(pred, np.int64)[mask],
-                np.asarray(hit5, bool)[mask],
-                np.asarray(nll, np.float64)[mask],
-            )
-        )
-    return tuple(np.concatenate(column) for column in zip(*parts, strict=True))
+        outputs = {"label": batch["label"], **classify(batch["image"], batch["label"])}
+        for key, value in outputs.items():
+            parts.setdefault(key, []).append(np.asarray(value)[mask])
+    return {key: np.concatenate(values) for key, values in parts.items()}
 
 
 def confusion_matrix(labels: np.ndarray, preds: np.ndarray, num_classes: int) -> np.ndarray:
@@ -213,25 +116,24 @@ def evaluate_workdir(
 
     `step` defaults to the best checkpoint (else the latest); `data_dir` and `batch_size`
     to the run's own (`config.json`); `output`, when given, is the confusion-matrix PNG.
-    Returns `step`, `arch`, `dataset`, `num_examples`, `top1`, `top5`, `loss`,
+    Returns `step`, `arch`, `dataset`, `num_examples`, `top1`, `top5` (None with 5 classes
+    or fewer, where it is always 1), `loss`,
     `class_names`, `per_class_accuracy` and `per_class_count` (arrays by class),
     `confusion_matrix` (int64 [true, predicted]) and `output` (the PNG's path or None).
     Raises UsageError, having written nothing, for bad input.
     """
-    workdir = check_workdir(workdir)
-    directory = checkpoint_dir(workdir)
-    if step is not None:  # an unknown step fails now, not after seconds of imports
-        choose_step(steps_on_disk(directory), None, None, step)
+    run = RunDir.existing(workdir)
+    run.require_checkpoint(step)  # an unknown step fails now, not after seconds of imports
     if output is not None:
         output = check_output(output)
-    config = run_config(workdir)
+    config = run.read_config()
     if batch_size is None:
         batch_size = config.get("batch_size") or DEFAULT_BATCH_SIZE
     if batch_size < 1:
         raise cli.UsageError(f"--batch-size must be positive, got {batch_size}")
     data_dir = data_dir if data_dir is not None else config.get("data_dir")
 
-    step, meta, variables = restore(directory, step)
+    step, meta, variables = run.restore_variables(step)
     model = build_model(meta)
     dataset = load_test_split(meta, data_dir)
     from flaxcnn import data
@@ -244,20 +146,21 @@ def evaluate_workdir(
         process_index=0,  # one process reads the whole split
         process_count=1,
     )
-    labels, preds, hits5, nll = predictions(make_classify(model, variables), batches)
-    confusion = confusion_matrix(labels, preds, meta["num_classes"])
+    out = predictions(make_classify(model, variables), batches)
+    confusion = confusion_matrix(out["label"], out["pred"], meta["num_classes"])
     total = int(confusion.sum())
     if total == 0:
         raise cli.UsageError(f"the test split of {meta['dataset']} is empty")
+    top5 = out.get("correct_top5")
     result = {
-        "workdir": workdir,
+        "workdir": run.path,
         "step": step,
         "arch": meta["arch"],
         "dataset": meta["dataset"],
         "num_examples": total,
         "top1": int(np.trace(confusion)) / total,
-        "top5": int(hits5.sum()) / total,
-        "loss": float(nll.sum()) / total,
+        "top5": None if top5 is None else int(top5.sum()) / total,
+        "loss": float(out["loss"].astype(np.float64).sum()) / total,
         "class_names": [str(c) for c in meta["class_names"]],
         "per_class_accuracy": per_class_accuracy(confusion),
         "per_class_count": confusion.sum(axis=1),
@@ -297,7 +200,8 @@ def plot_confusion(result: dict[str, Any], output: PathLike) -> Path:
     ax.set(xlabel="predicted class", ylabel="true class")
     ax.set_title(
         f"{result['arch']} on {result['dataset']}, step {result['step']}: "
-        f"top-1 {result['top1']:.4f}, top-5 {result['top5']:.4f}",
+        f"top-1 {result['top1']:.4f}"
+        + (f", top-5 {result['top5']:.4f}" if result["top5"] is not None else ""),
         fontsize="medium",
     )
     return save_png(figure, output)
@@ -309,10 +213,11 @@ def report(result: dict[str, Any]) -> list[str]:
         f"{result['arch']} on {result['dataset']}: checkpoint step {result['step']}, "
         f"{result['num_examples']} test images",
         f"  top-1 accuracy  {result['top1']:.4f}",
-        f"  top-5 accuracy  {result['top5']:.4f}",
         f"  loss            {result['loss']:.4f}",
         "  per class (accuracy, correct/total):",
     ]
+    if result["top5"] is not None:
+        lines.insert(2, f"  top-5 accuracy  {result['top5']:.4f}")
     width = max(map(len, result["class_names"]))
     confusion = result["confusion_matrix"]
     for i, name in enumerate(result["class_names"]):

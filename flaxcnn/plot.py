@@ -13,7 +13,6 @@ so that a crash never leaves half a PNG and nothing else in a workdir is touched
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import secrets
 import sys
@@ -24,22 +23,12 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from flaxcnn import cli
+from flaxcnn.training.rundir import METRICS, RunDir
 
 DEFAULT_NAME = "loss_accuracy.png"
-METRICS_FILE = "metrics.jsonl"
 DPI = 100
 
 PathLike = str | os.PathLike
-
-
-def check_workdir(workdir: PathLike) -> Path:
-    """`workdir` as a Path, or UsageError when it is missing or not a directory."""
-    path = Path(workdir)
-    if not path.exists():
-        raise cli.UsageError(f"workdir {path} does not exist")
-    if not path.is_dir():
-        raise cli.UsageError(f"workdir {path} is not a directory")
-    return path
 
 
 def check_output(output: PathLike) -> Path:
@@ -87,11 +76,10 @@ def save_png(figure: Figure, output: PathLike) -> Path:
 
 def find_metrics(workdir: PathLike) -> Path:
     """The workdir's `metrics.jsonl`, or UsageError when there is none."""
-    path = check_workdir(workdir)
-    file = path / METRICS_FILE
-    if not file.is_file():
-        raise cli.UsageError(f"{path} has no {METRICS_FILE} (is it a training workdir?)")
-    return file
+    run = RunDir.existing(workdir)
+    if not run.metrics_path.is_file():
+        raise cli.UsageError(f"{run.path} has no {METRICS} (is it a training workdir?)")
+    return run.metrics_path
 
 
 def read_run(workdir: PathLike) -> tuple[str, list[dict]]:
@@ -99,27 +87,17 @@ def read_run(workdir: PathLike) -> tuple[str, list[dict]]:
 
     UsageError for a missing workdir, a missing, empty or unreadable `metrics.jsonl`.
     """
-    file = find_metrics(workdir)
-    # Imported here: flaxcnn.training loads the whole trainer (seconds), which the checks
-    # above and --help should not wait for.
-    from flaxcnn.training import metrics
-
-    try:
-        records = metrics.read(file)
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise cli.UsageError(f"cannot read {file}: {e}") from None
+    run = RunDir.existing(workdir)
+    records = run.read_metrics()
     if not records:
-        raise cli.UsageError(f"{file} holds no records yet")
-    return run_label(file.parent), records
+        raise cli.UsageError(f"{run.metrics_path} holds no records yet")
+    return run_label(run), records
 
 
-def run_label(workdir: Path) -> str:
+def run_label(run: RunDir) -> str:
     """The workdir's name, with the architecture from its `config.json` where there is one."""
-    name = workdir.resolve().name
-    try:
-        arch = json.loads((workdir / "config.json").read_text()).get("arch")
-    except (OSError, ValueError, AttributeError):
-        arch = None
+    name = run.path.resolve().name
+    arch = run.read_config().get("arch")
     return f"{name} ({arch})" if arch else name
 
 

@@ -1,6 +1,7 @@
 """`python -m flaxcnn.train --arch resnet34`: train a classic CNN, data-parallel.
 
 A thin command line over `flaxcnn.training.train`; every flag is a `TrainConfig` field.
+`python -m flaxcnn.train --workdir W` alone resumes W with the settings in its config.json.
 Exit codes: 0 done; 2 bad arguments or input (one line, nothing written); 1 training
 failed (the message says what to do); 128+N stopped by signal N after saving.
 """
@@ -15,6 +16,7 @@ import types
 import typing
 
 from flaxcnn import cli
+from flaxcnn.models import parsing
 from flaxcnn.training.config import TrainConfig, flag
 
 
@@ -22,56 +24,65 @@ def _type_of(field: dataclasses.Field) -> type:
     hint = typing.get_type_hints(TrainConfig)[field.name]
     args = [a for a in typing.get_args(hint) if a is not type(None)]
     if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
-        return args[0]
-    return hint
+        hint = args[0]
+    return typing.get_origin(hint) or hint
 
 
 def build_parser() -> argparse.ArgumentParser:
+    # Flags not given stay out of the namespace: a resumed run takes them from its
+    # config.json, and only the given ones are checked against it.
     parser = cli.ArgumentParser(
+        argument_default=argparse.SUPPRESS,
         prog="python -m flaxcnn.train",
         description="Train a classic CNN with optax, jit-compiled and data-parallel over every "
         "device. Writes config.json, metrics.jsonl, TensorBoard events and checkpoints to "
         "--workdir; the last line printed is the test accuracy.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     for field in dataclasses.fields(TrainConfig):
         kind = _type_of(field)
-        options = {k: v for k, v in field.metadata.items() if k != "help"}
-        name = f"--{flag(field.name)}"
+        options = {k: v for k, v in field.metadata.items() if k not in ("help", "flag")}
+        name = f"--{field.metadata.get('flag', flag(field.name))}"
+        help_text = field.metadata["help"]
+        if "(default" not in help_text and field.default is not None:  # said once only
+            shown = field.default
+            if isinstance(shown, bool):
+                shown = "yes" if shown else "no"
+            help_text += f" (default: {shown})"
         if kind is bool:
-            parser.add_argument(
-                name,
-                action=argparse.BooleanOptionalAction,
-                default=field.default,
-                help=field.metadata["help"],
-            )
+            parser.add_argument(name, action=argparse.BooleanOptionalAction, help=help_text)
+        elif kind is dict:
+            parser.add_argument(name, dest=field.name, action="append", help=help_text, **options)
         else:
-            parser.add_argument(
-                name,
-                type=kind,
-                default=field.default,
-                required=field.name == "arch",
-                help=field.metadata["help"],
-                **options,
-            )
+            parser.add_argument(name, type=kind, help=help_text, **options)
     return parser
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
-    config = TrainConfig(**vars(args))
-    # absl warnings (orbax's notes on saves without metrics, tfds's hint to install
-    # OpenCV) would interleave with the progress; errors still show.
+    given = vars(build_parser().parse_args(argv))
+    try:
+        if "model_options" in given:
+            given["model_options"] = parsing.parse_assignments(given["model_options"]) or None
+    except ValueError as e:
+        cli.fail(str(e))
+    config = TrainConfig(**given)
+    # absl warnings (orbax's notes on saves without metrics) would interleave with the
+    # output; errors still show.
     logging.getLogger("absl").setLevel(logging.ERROR)
     # Imported after parsing so that --help and argument errors are instant.
-    from flaxcnn.training import TrainingError, train
+    import jax
+
+    from flaxcnn.training import Interrupted, TrainingError, train
 
     try:
-        train(config)
+        train(config, explicit=set(given))
     except cli.UsageError as e:
         cli.fail(str(e))
     except TrainingError as e:
         cli.fail(str(e), code=1)
+    except Interrupted as e:
+        if jax.process_index() == 0:
+            print(e, flush=True)
+        raise SystemExit(e.exit_code) from None
     except KeyboardInterrupt:
         cli.fail("interrupted", code=130)
 

@@ -60,11 +60,11 @@ def test_cli_table_and_json(tmp_path, capsys):
 
 def test_input_size_follows_the_trainer():
     """Design size by default; a small image on a large design takes the small stem."""
-    assert bench.plan("resnet34").image_size == 224
-    assert bench.plan("resnet34").model_options == {}
-    small = bench.plan("resnet34", image_size=8)
-    assert (small.image_size, small.model_options) == (8, {"small_stem": True})
-    assert bench.plan("resnet20").image_size == 32
+    assert bench.plan("resnet34").network.image_size == 224
+    assert bench.plan("resnet34").network.options == {}
+    small = bench.plan("resnet34", image_size=8).network
+    assert (small.image_size, small.options) == (8, {"small_stem": True})
+    assert bench.plan("resnet20").network.image_size == 32
     assert bench.plan("lenet5", num_classes=100).params > LENET5_PARAMS
 
 

@@ -3,17 +3,40 @@
 A checkpoint is written to a temporary directory and renamed into place only when
 complete (orbax's atomic commit), so a kill at any moment leaves the previous ones intact.
 The last `keep` checkpoints are kept, plus the one with the best test accuracy.
+
+Damage after the fact (flipped bits, a truncated file, a full disk during a copy) is caught
+by `checksums.json`, written into each checkpoint once it is committed: every file's size
+and SHA-256. A resume verifies the newest checkpoint and falls back to the newest intact
+one; a damaged checkpoint is moved aside to `checkpoints-damaged/` (never deleted), with a
+line saying so. A checkpoint without checksums (written by an older version, or by a run
+killed between the commit and the checksums) is used if orbax can read it.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
 BEST_METRIC = "test_accuracy"
+CHECKSUMS = "checksums.json"
+DAMAGED = "checkpoints-damaged"  # beside the checkpoints directory
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (disk full, directory unwritable)."""
+
+
+class NoIntactCheckpoint(RuntimeError):
+    """Every checkpoint of a run is damaged."""
 
 
 class Checkpoints:
@@ -58,19 +81,25 @@ class Checkpoints:
         metrics: dict[str, float] | None = None,
     ) -> None:
         """Save host (numpy) `state`; every process calls this, orbax writes once."""
-        self.manager.save(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state),
-                data=ocp.args.JsonSave(data_state),
-                meta=ocp.args.JsonSave(meta),
-            ),
-            metrics=metrics,
-            force=True,
-        )
-        self.manager.wait_until_finished()
+        try:
+            self.manager.save(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardSave(state),
+                    data=ocp.args.JsonSave(data_state),
+                    meta=ocp.args.JsonSave(meta),
+                ),
+                metrics=metrics,
+                force=True,
+            )
+            self.manager.wait_until_finished()
+            if _is_primary():
+                write_checksums(Path(self.directory) / str(step))
+        except OSError as e:
+            raise CheckpointWriteError(e.errno, e.strerror or str(e)) from e
 
     def read_meta(self, step: int | None = None) -> dict:
+        """The run metadata saved with the checkpoint at `step` (default: the latest)."""
         step = self.latest_step() if step is None else step
         restored = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
         return restored["meta"]
@@ -88,5 +117,107 @@ class Checkpoints:
         )
         return restored["state"], restored["data"], restored["meta"]
 
+    def restore_intact(
+        self, template: Any, check_meta: Callable[[dict], None], report: Callable[[str], None]
+    ) -> tuple[Any, dict, dict]:
+        """Restore the newest intact checkpoint; damaged newer ones are set aside and named.
+
+        `check_meta(meta)` runs on a checkpoint's metadata before its state is read: a
+        checkpoint of another run raises there (and is left alone, not called damaged).
+        """
+        for step in sorted(self.manager.all_steps(), reverse=True):
+            step_dir = Path(self.directory) / str(step)
+            problem = damage(step_dir)
+            verified = problem is None and (step_dir / CHECKSUMS).is_file()
+            if problem is None:
+                check_meta(read_meta_file(self.directory, step))
+                try:
+                    return self.restore(template, step)
+                except Exception as e:  # orbax's errors for unreadable files vary
+                    if verified:
+                        raise
+                    problem = f"orbax cannot read it: {type(e).__name__}"
+            moved = set_aside(step_dir)
+            self.manager.reload()
+            report(f"checkpoint {step} is damaged ({problem}); moved to {moved}")
+        raise NoIntactCheckpoint(
+            f"no intact checkpoint is left in {self.directory} (damaged ones are in {DAMAGED}/)"
+        )
+
     def close(self) -> None:
         self.manager.close()
+
+
+def _is_primary() -> bool:
+    import jax
+
+    return jax.process_index() == 0
+
+
+def _files(step_dir: Path) -> list[Path]:
+    return sorted(p for p in step_dir.rglob("*") if p.is_file() and p.name != CHECKSUMS)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_checksums(step_dir: Path) -> None:
+    """Record every file of a committed checkpoint: {relative path: [size, sha256]}."""
+    sums = {
+        p.relative_to(step_dir).as_posix(): [p.stat().st_size, _sha256(p)] for p in _files(step_dir)
+    }
+    tmp = step_dir / f".{CHECKSUMS}.tmp"
+    tmp.write_text(json.dumps(sums, indent=1, sort_keys=True))
+    os.replace(tmp, step_dir / CHECKSUMS)
+
+
+def damage(step_dir: Path) -> str | None:
+    """What is wrong with a checkpoint according to its checksums, else None (also when it
+    has none to check)."""
+    path = step_dir / CHECKSUMS
+    if not path.is_file():
+        return None
+    try:
+        expected = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return f"its {CHECKSUMS} is unreadable"
+    for relative, (size, sha) in sorted(expected.items()):
+        file = step_dir / relative
+        if not file.is_file():
+            return f"{relative} is missing"
+        actual = file.stat().st_size
+        if actual != size:
+            return f"{relative} has {actual} bytes, {size} were written"
+        if _sha256(file) != sha:
+            return f"{relative} does not match its checksum"
+    return None
+
+
+def set_aside(step_dir: Path) -> Path:
+    """Move a damaged checkpoint out of orbax's sight, keeping it for inspection."""
+    target_root = step_dir.parent.parent / DAMAGED
+    target_root.mkdir(exist_ok=True)
+    target = target_root / f"{step_dir.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    shutil.move(str(step_dir), str(target))
+    return target
+
+
+def read_meta_file(directory: str | os.PathLike, step: int) -> dict:
+    """The metadata of checkpoint `step` read as the JSON file orbax wrote, without orbax
+    (a fraction of a second instead of seconds), falling back to orbax for other layouts."""
+    try:
+        meta = json.loads((Path(directory) / str(step) / "meta" / "metadata").read_text())
+        if isinstance(meta, dict):
+            return meta
+    except (OSError, ValueError):
+        pass
+    ckpts = Checkpoints(directory, read_only=True)
+    try:
+        return ckpts.read_meta(step)
+    finally:
+        ckpts.close()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Any
 
 from flaxcnn.cli import UsageError
 from flaxcnn.training import optim, parallel
@@ -30,8 +31,11 @@ class TrainConfig:
         None, "where prepared data sets live (default: $TFDS_DATA_DIR or ~/tensorflow_datasets)"
     )
     epochs: int = setting(30, "passes over the training split")
-    batch_size: int = setting(
-        128, "global batch: all devices of all processes together; must divide evenly"
+    batch_size: int | None = setting(
+        None,
+        "global batch: all devices of all processes together; must divide evenly (default: "
+        "128, halved for small training splits until an epoch has at least "
+        "10 steps, down to 8)",
     )
     optimizer: str = setting(
         "sgd", "sgd (Nesterov momentum 0.9) or adamw", choices=optim.OPTIMIZERS
@@ -53,6 +57,14 @@ class TrainConfig:
         "(default: 5e-4 for sgd, 0.05 for adamw)",
     )
     label_smoothing: float = setting(0.0, "label smoothing in [0, 1)")
+    model_options: dict[str, Any] | None = setting(  # noqa: RUF009 (the default is None)
+        None,
+        "an option of the architecture, repeatable, e.g. aux_logits=true (googlenet), "
+        "activation=tanh (lenet5), scan_blocks=true (resnets); "
+        "python -m flaxcnn.models --options ARCH lists them",
+        flag="model-option",
+        metavar="KEY=VALUE",
+    )
     dropout: float | None = setting(
         None, "dropout rate, for models that have dropout (default: the model's own)"
     )
@@ -66,11 +78,23 @@ class TrainConfig:
         "square input side (default: the data set's, raised to the model's minimum; small "
         "images use the model's small-input stem where it has one)",
     )
+    skip_corrupt: bool = setting(
+        False, "folder data sets: leave out images that cannot be decoded instead of stopping"
+    )
+    precise_bn: int = setting(
+        4,
+        "before each evaluation, recompute BatchNorm statistics over this many training "
+        "batches (no augmentation) with the current weights; 0 keeps the running averages",
+    )
     seed: int = setting(0, "seed for initialisation, shuffling, augmentation and dropout")
     workdir: str | None = setting(None, "output directory (default: runs/ARCH-DATASET-TIMESTAMP)")
     resume: bool | None = setting(
         None,
-        "continue from the workdir's latest checkpoint (default: yes when it has one)",
+        "continue from the workdir's latest checkpoint with the settings stored in its "
+        "config.json (default: yes when it has one; --workdir alone is enough)",
+    )
+    accept_new_data: bool = setting(
+        False, "resume even though the data set changed since the run started (a folder)"
     )
     checkpoint_every: int | None = setting(
         None, "steps between checkpoints (default: one epoch); one is always saved at the end"
@@ -92,7 +116,9 @@ class TrainConfig:
         "classifier is re-initialised when the class count differs",
     )
     workers: int = setting(0, "data worker processes (0: background threads only)")
-    progress: bool = setting(True, "show a progress bar per epoch")
+    progress: bool = setting(
+        True, "show a progress bar per epoch on stderr (only when it is a terminal)"
+    )
 
     def validate(self) -> None:
         """Reject bad values before anything is read or written (UsageError, exit code 2)."""
@@ -115,10 +141,13 @@ class TrainConfig:
             "weight_decay": self.weight_decay,
             "workers": self.workers,
             "process_id": self.process_id,
+            "precise_bn": self.precise_bn,
         }
         for name, value in non_negative.items():
             if value is not None and not (value >= 0 and math.isfinite(value)):
                 raise UsageError(f"--{flag(name)} must be >= 0, got {value}")
+        if not (isinstance(self.seed, int) and 0 <= self.seed < 2**32):
+            raise UsageError(f"--seed must be an integer from 0 to 2**32 - 1, got {self.seed}")
         if self.arch is None:
             raise UsageError("--arch is required (python -m flaxcnn.models lists them)")
         if not 0.0 <= self.label_smoothing < 1.0:
@@ -143,6 +172,9 @@ class TrainConfig:
                 f"--process-id must be below --num-processes ({self.num_processes}), "
                 f"got {self.process_id}"
             )
+
+        if self.model_options is not None and not isinstance(self.model_options, dict):
+            raise UsageError(f"model_options must be a dict, got {self.model_options!r}")
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)

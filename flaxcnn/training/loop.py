@@ -3,574 +3,363 @@
     for each epoch:
         for each global batch:  forward, loss, backward, average gradients, update
         log the epoch's training loss and accuracy
-        evaluate on the test split, log, checkpoint
+        evaluate on the test split (BatchNorm statistics recomputed first), log, checkpoint
 
 `train(config)` is the whole job, callable from a notebook; `flaxcnn.train` is its CLI.
+It raises `UsageError` for bad input (nothing written), `NonFiniteLoss` when the loss
+diverges and `Interrupted` after saving when a signal stops it (see `errors.py`).
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import json
-import os
-import signal
-import sys
 import time
-from collections.abc import Callable, Iterator
-from datetime import datetime
+from collections.abc import Callable, Collection, Iterator
 from pathlib import Path
-from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import serialization
 
-from flaxcnn import data, models
+from flaxcnn import data
 from flaxcnn.cli import UsageError
-from flaxcnn.models import summary
-from flaxcnn.training import distributed, optim, parallel, steps
-from flaxcnn.training.checkpoint import BEST_METRIC, Checkpoints
+from flaxcnn.models.parsing import parse_options
+from flaxcnn.training import (
+    console,
+    distributed,
+    metrics,
+    parallel,
+    precise_bn,
+    resume,
+    steps,
+    warm_start,
+)
+from flaxcnn.training.build import create_train_state
+from flaxcnn.training.checkpoint import BEST_METRIC, CheckpointWriteError, NoIntactCheckpoint
 from flaxcnn.training.config import TrainConfig
-from flaxcnn.training.metrics import MetricsWriter
-from flaxcnn.training.state import TrainState, create_state
+from flaxcnn.training.errors import Interrupted, NonFiniteLoss, TrainingError
+from flaxcnn.training.evaluation import means
+from flaxcnn.training.metrics import EpochSums
+from flaxcnn.training.resolve import Setup, canonical_dataset, prepare, resolved_config
+from flaxcnn.training.rundir import RunDir
+from flaxcnn.training.signals import StopRequest
+from flaxcnn.training.state import TrainState
 
-SMALL_INPUT_MAX = 64  # at or below this side, use a model's small-input stem if it has one
-EXIT_INTERRUPTED = 130
-
-
-class TrainingError(RuntimeError):
-    """A run that cannot go on (e.g. a non-finite loss); the message says what to do."""
-
-
-@dataclasses.dataclass(frozen=True)
-class Setup:
-    """Everything resolved from the config and the data before the first step."""
-
-    config: TrainConfig
-    dataset: data.Dataset
-    spec: models.ModelSpec
-    model_options: dict[str, Any]
-    image_size: int
-    workdir: Path
-    steps_per_epoch: int
-    total_steps: int
-    peak_lr: float
-    weight_decay: float
+# What a resumed run must share with its checkpoint for the state to mean the same thing.
+RESUME_KEYS = ("arch", "num_classes", "image_size", "in_channels", "model_options")
 
 
-def resolve_input(
-    spec: models.ModelSpec, native: int, requested: int | None
-) -> tuple[int, dict[str, Any]]:
-    """The input side and the model options for it, for images `native` pixels a side.
-
-    By default the images' own size, raised to what the model needs; images of at most
-    SMALL_INPUT_MAX pixels use the model's small-input stem (e.g. ResNet's 3x3 stride-1 stem
-    without max-pool), which keeps 32x32-class images from being downsampled to nothing.
-    """
-    size = requested or native
-    small = bool(spec.small_input_options) and size <= SMALL_INPUT_MAX < spec.input_size
-    if requested is None and not small:
-        # Networks designed for small images (LeNet's 32x32) get their design size; the
-        # others the smallest size they accept (VGG: 32, AlexNet: 63), not 224.
-        design = spec.input_size if spec.input_size <= SMALL_INPUT_MAX else spec.min_size
-        size = max(size, design)
-    return size, dict(spec.small_input_options) if small else {}
-
-
-def default_workdir(config: TrainConfig) -> Path:
-    dataset = config.dataset.split(":", 1)[0] if ":" in config.dataset else config.dataset
-    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    return Path("runs") / f"{config.arch}-{dataset}-{stamp}"
-
-
-def prepare(config: TrainConfig) -> Setup:
-    """Validate everything that can be validated before touching the workdir."""
-    config.validate()
-    spec = get_spec(config.arch)
-    try:
-        dataset = data.load(config.dataset, data_dir=config.data_dir)
-    except ValueError as e:  # DatasetNotPrepared is a ValueError too
-        raise UsageError(str(e)) from None
-    # A data set of images of varying sizes records 0: the model's design size then.
-    native = max(dataset.info.image_shape[:2]) or spec.input_size
-    image_size, options = resolve_input(spec, native, config.image_size)
-    if config.dropout is not None:
-        if "dropout_rate" not in models.options(config.arch):
-            raise UsageError(f"{config.arch} has no dropout; leave out --dropout")
-        options["dropout_rate"] = config.dropout
-    devices = jax.device_count()
-    if config.batch_size % devices:
-        raise UsageError(
-            f"--batch-size {config.batch_size} does not divide evenly over {devices} devices"
-        )
-    num_train = dataset.info.num_train
-    if config.batch_size > num_train:
-        raise UsageError(
-            f"--batch-size {config.batch_size} is larger than the training split ({num_train})"
-        )
-    if jax.process_count() > 1 and config.workdir is None:
-        raise UsageError("with several processes, give every process the same --workdir")
-    steps_per_epoch = num_train // config.batch_size
-    base_lr = config.lr if config.lr is not None else optim.DEFAULT_LR[config.optimizer]
-    wd = config.weight_decay
-    return Setup(
-        config=config,
-        dataset=dataset,
-        spec=spec,
-        model_options=options,
-        image_size=image_size,
-        workdir=Path(config.workdir) if config.workdir else default_workdir(config),
-        steps_per_epoch=steps_per_epoch,
-        total_steps=steps_per_epoch * config.epochs,
-        peak_lr=optim.scaled_lr(base_lr, config.batch_size),
-        weight_decay=optim.DEFAULT_WEIGHT_DECAY[config.optimizer] if wd is None else wd,
-    )
-
-
-def get_spec(arch: str) -> models.ModelSpec:
-    try:
-        return models.get_spec(arch)
-    except ValueError as e:
-        raise UsageError(str(e)) from None
-
-
-def build_model(setup: Setup, axis_name: str | None):
-    return models.create(
-        setup.config.arch,
-        num_classes=setup.dataset.info.num_classes,
-        dtype=setup.config.dtype,
-        axis_name=axis_name,
-        **setup.model_options,
-    )
-
-
-def input_shape(setup: Setup, batch: int = 1) -> tuple[int, int, int, int]:
-    return (batch, setup.image_size, setup.image_size, setup.spec.in_channels)
-
-
-def run_meta(setup: Setup) -> dict:
-    """What a checkpoint must agree with to be resumed or used by --init-from."""
-    return {
-        "arch": setup.config.arch,
-        "num_classes": setup.dataset.info.num_classes,
-        "class_names": list(setup.dataset.info.class_names),
-        "dataset": setup.config.dataset,
-        "image_size": setup.image_size,
-        "in_channels": setup.spec.in_channels,
-        "model_options": setup.model_options,
-        "dtype": setup.config.dtype,
-    }
-
-
-def inspect_workdir(workdir: Path, checkpoints: Path, config: TrainConfig) -> bool:
-    """Whether to resume; refuses (UsageError) anything that would damage an existing run.
-
-    Reads only: nothing is created or written until every check has passed.
-    """
-    has_checkpoint = checkpoints.is_dir() and any(p.name.isdigit() for p in checkpoints.iterdir())
-    if workdir.exists() and not workdir.is_dir():
-        raise UsageError(f"--workdir {workdir} exists and is not a directory")
-    if has_checkpoint and config.resume is False:
-        raise UsageError(
-            f"{workdir} already holds checkpoints; choose another --workdir, or --resume"
-        )
-    if config.resume and not has_checkpoint:
-        raise UsageError(f"--resume: {workdir} has no checkpoint to resume from")
-    previous = workdir / "config.json"
-    if previous.exists():
-        try:
-            arch = json.loads(previous.read_text()).get("arch")
-        except (OSError, json.JSONDecodeError):
-            arch = None
-        if arch not in (None, config.arch):
-            raise UsageError(
-                f"{workdir} holds a {arch} run, not {config.arch}; choose another --workdir"
-            )
-    return has_checkpoint
-
-
-def make_workdir(workdir: Path) -> None:
-    try:
-        workdir.mkdir(parents=True, exist_ok=True)
-        probe = workdir / f".write-test-{os.getpid()}"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as e:
-        raise UsageError(f"cannot write to --workdir {workdir}: {e.strerror}") from None
-
-
-def write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
-
-
-def host_tree(state: TrainState) -> dict:
-    """The checkpointed part of a state, as nested dicts of numpy arrays."""
-    return jax.tree.map(np.asarray, serialization.to_state_dict(state))
-
-
-def load_init_from(path: str, setup: Setup, state: TrainState) -> tuple[TrainState, list[str]]:
-    """Params and BatchNorm statistics from another run of the same architecture.
-
-    Leaves whose shape differs (the classifier, when the class count changes) keep their
-    fresh initialisation; their names are returned.
-    """
-    source = Path(path)
-    directory = source / "checkpoints" if (source / "checkpoints").is_dir() else source
-    if not directory.is_dir():
-        raise UsageError(f"--init-from {path}: no such directory")
-    ckpts = Checkpoints(directory, read_only=True)
-    step = ckpts.best_step()
-    step = ckpts.latest_step() if step is None else step
-    if step is None:
-        raise UsageError(f"--init-from {path}: no checkpoint found there")
-    meta = ckpts.read_meta(step)
-    if meta.get("arch") != setup.config.arch:
-        raise UsageError(
-            f"--init-from {path} holds a {meta.get('arch')} checkpoint, not {setup.config.arch}"
-        )
-    restored = ckpts.manager.restore(step)["state"]  # structure as saved, no template
-    ckpts.close()
-    replaced: list[str] = []
-
-    def take(path_, fresh, loaded):
-        if loaded is not None and np.shape(loaded) == np.shape(fresh):
-            return np.asarray(loaded, dtype=np.asarray(fresh).dtype)
-        replaced.append(jax.tree_util.keystr(path_))
-        return np.asarray(fresh)
-
-    def merge(fresh_tree, loaded_tree):
-        flat_loaded = {
-            jax.tree_util.keystr(p): v
-            for p, v in jax.tree_util.tree_flatten_with_path(loaded_tree)[0]
-        }
-        return jax.tree_util.tree_map_with_path(
-            lambda p, v: take(p, v, flat_loaded.get(jax.tree_util.keystr(p))), fresh_tree
-        )
-
-    params = merge(serialization.to_state_dict(state.params), restored.get("params", {}))
-    stats = merge(serialization.to_state_dict(state.batch_stats), restored.get("batch_stats", {}))
-    state = state.replace(
-        params=serialization.from_state_dict(state.params, params),
-        batch_stats=serialization.from_state_dict(state.batch_stats, stats),
-        opt_state=state.tx.init(serialization.from_state_dict(state.params, params)),
-    )
-    return state, replaced
-
-
-def accumulate(total: dict | None, new: dict) -> dict:
-    """Running sums, except the first non-finite step, which is a running minimum."""
-    if total is None:
-        return new
-    return {
-        k: (jnp.minimum if k == steps.FIRST_NONFINITE else jnp.add)(total[k], v)
-        for k, v in new.items()
-    }
-
-
-def means(sums: dict[str, float]) -> dict[str, float]:
-    count = max(sums["count"], 1.0)
-    out = {"loss": sums["loss"] / count, "accuracy": sums["correct"] / count}
-    if "correct_top5" in sums:
-        out["top5_accuracy"] = sums["correct_top5"] / count
-    return out
-
-
-class StopRequest:
-    """SIGTERM/SIGINT: finish the current step, save, and exit saying how to resume.
-
-    Several processes must stop after the same step (one that stops alone leaves the
-    others waiting in a collective for ever), so `due` is their agreement, taken where
-    the loop waits for the devices anyway; a signal to any process stops them all.
-    """
-
-    def __init__(self):
-        self.signal: int | None = None
-        self.agreed: int | None = None  # the signal that every process stops on
-
-    def due(self, sync_point: bool) -> bool:
-        """Whether to stop now: the same answer on every process."""
-        if self.agreed is None and (sync_point or jax.process_count() == 1):
-            self.agreed = distributed.any_signal(self.signal)
-        return self.agreed is not None
-
-    def __call__(self, signum, frame):
-        if self.signal is not None:  # a second Ctrl-C: stop now
-            raise KeyboardInterrupt
-        self.signal = signum
-
-    @contextlib.contextmanager
-    def installed(self):
-        previous = {s: signal.signal(s, self) for s in (signal.SIGTERM, signal.SIGINT)}
-        try:
-            yield self
-        finally:
-            for s, handler in previous.items():
-                signal.signal(s, handler)
-
-
-def evaluate(par: parallel.DataParallel, dstate, setup: Setup) -> dict[str, float]:
-    total = None
-    for batch in data.eval_batches(
-        setup.dataset,
-        global_batch_size=setup.config.batch_size,
-        image_size=setup.image_size,
-        channels=setup.spec.in_channels,
-    ):
-        total = accumulate(total, par.eval_step(dstate, par.put_batch(batch)))
-    return means(par.get_metrics(total))
-
-
-def header(setup: Setup, params: int, resumed_from: int | None) -> list[str]:
-    c, info = setup.config, setup.dataset.info
-    devices, local = jax.device_count(), jax.local_device_count()
-    kind = jax.devices()[0].platform
-    stem = ", small-input stem" if setup.model_options.get("small_stem") else ""
-    lines = [
-        f"flaxcnn: {c.arch} on {info.name} ({info.num_classes} classes, "
-        f"{info.num_train} train / {info.num_test} test images)",
-        f"  parameters   {params:,}",
-        f"  devices      {devices} x {kind} ({jax.process_count()} process(es), {local} local)",
-        f"  batch        {c.batch_size} global, {c.batch_size // devices} per device, "
-        f"{setup.steps_per_epoch} steps per epoch",
-        f"  image size   {setup.image_size}x{setup.image_size}x{setup.spec.in_channels}{stem}",
-        f"  dtype        {c.dtype} compute, float32 parameters",
-        f"  optimizer    {c.optimizer}, lr {setup.peak_lr:g} (= base x {c.batch_size}/256), "
-        f"{c.schedule} schedule, weight decay {setup.weight_decay:g}",
-        f"  parallel     {c.parallel}",
-        f"  workdir      {setup.workdir}",
-    ]
-    if resumed_from is not None:
-        lines.append(f"  resuming     from step {resumed_from}")
-    return lines
-
-
-def train(config: TrainConfig, out: Callable[[str], None] = print) -> dict[str, float]:
+def train(
+    config: TrainConfig,
+    out: Callable[[str], None] = print,
+    explicit: Collection[str] | None = None,
+) -> dict[str, float]:
     """Run (or resume) a training job; returns the final test metrics.
 
-    Raises UsageError for bad configuration or input (nothing written in that case) and
-    TrainingError when training cannot go on.
+    Resuming (the workdir has a checkpoint), the run's config.json supplies every setting;
+    `explicit` names the settings the caller gave (the CLI's flags; by default those that
+    differ from TrainConfig's defaults), which must agree with it (see `resume.py`).
     """
     distributed.initialize(config)
+    config, previous, changes = resume_settings(config, explicit)
     setup = prepare(config)
-    primary = jax.process_index() == 0
-    ckpt_dir = setup.workdir / "checkpoints"
-    resume = inspect_workdir(setup.workdir, ckpt_dir, config)
-
-    model = build_model(setup, axis_name=steps.AXIS)
-    schedule = optim.make_schedule(
-        config.schedule,
-        setup.peak_lr,
-        setup.total_steps,
-        round(config.warmup_epochs * setup.steps_per_epoch),
-    )
-    tx = optim.make_optimizer(config.optimizer, schedule, setup.weight_decay)
-    try:
-        state = create_state(build_model(setup, None), tx, input_shape(setup), config.seed)
-    except ValueError as e:  # e.g. an --image-size below the model's minimum
-        raise UsageError(str(e)) from None
-    state = state.replace(apply_fn=model.apply)
-    meta = run_meta(setup)
-    replaced: list[str] = []
-    if config.init_from and not resume:
-        state, replaced = load_init_from(config.init_from, setup, state)
-
-    make_workdir(setup.workdir)
-    ckpts = Checkpoints(ckpt_dir, keep=config.keep_checkpoints)
-    start_step, carried, data_state = 0, None, None
-    if resume:
-        saved = ckpts.read_meta()
-        for key in ("arch", "num_classes", "image_size", "in_channels"):
-            if saved.get(key) != meta[key]:
-                raise UsageError(
-                    f"the checkpoint in {ckpt_dir} has {key}={saved.get(key)}, this run "
-                    f"{meta[key]}; choose another --workdir"
-                )
-        restored, data_state, saved = ckpts.restore(host_tree(state))
-        state = serialization.from_state_dict(state, restored)
-        start_step = int(state.step)
-        carried = saved.get("epoch_sums")
-    if replaced and primary:
-        out(f"--init-from: re-initialised {', '.join(replaced)} (shape differs)")
-
-    if primary:
-        write_json_atomic(setup.workdir / "config.json", resolved_config(setup))
-    writer = MetricsWriter(setup.workdir, enabled=primary, resume_step=start_step)
-    params = summary.tree_size(state.params)
-    if primary:
-        for line in header(setup, params, start_step if resume else None):
-            out(line)
-
-    pipeline = data.TrainPipeline(
-        setup.dataset,
-        global_batch_size=config.batch_size,
-        image_size=setup.image_size,
-        channels=setup.spec.in_channels,
-        seed=config.seed,
-        augment=True,
-        worker_count=config.workers,
-    )
-    batches = iter(pipeline)
-    if data_state is not None:
-        batches.set_state(data_state)
-
-    par = parallel.make(config.parallel, config.label_smoothing)
-    dstate = par.put_state(state)
-    del state
-    stop = StopRequest()
-    test_metrics: dict[str, float] = {}
-    try:
-        with stop.installed():
-            dstate, test_metrics = _loop(
-                setup, par, dstate, batches, schedule, ckpts, writer, meta,
-                start_step, carried, stop, out, primary,
-            )  # fmt: skip
-    finally:
-        writer.close()
-        ckpts.close()
-        if hasattr(batches, "close"):
-            batches.close()
-    return test_metrics
-
-
-def resolved_config(setup: Setup) -> dict:
-    c = setup.config
-    resolved = dataclasses.replace(
-        c,
-        workdir=str(setup.workdir),
-        data_dir=str(c.data_dir or data.default_data_dir()),
-        image_size=setup.image_size,
-        lr=c.lr if c.lr is not None else optim.DEFAULT_LR[c.optimizer],
-        weight_decay=setup.weight_decay,
-        checkpoint_every=c.checkpoint_every or setup.steps_per_epoch,
-    )
-    return {
-        **resolved.to_json(),
-        "peak_lr": setup.peak_lr,
-        "steps_per_epoch": setup.steps_per_epoch,
-        "total_steps": setup.total_steps,
-        "model_options": setup.model_options,
-        "devices": jax.device_count(),
-        "processes": jax.process_count(),
-        "jax_version": jax.__version__,
-    }
-
-
-def _loop(
-    setup: Setup,
-    par: parallel.DataParallel,
-    dstate,
-    batches: Iterator[dict[str, np.ndarray]],
-    schedule,
-    ckpts: Checkpoints,
-    writer: MetricsWriter,
-    meta: dict,
-    step: int,
-    carried: dict | None,
-    stop: StopRequest,
-    out: Callable[[str], None],
-    primary: bool,
-):
-    from tqdm.auto import tqdm
-
-    config = setup.config
-    spe, total = setup.steps_per_epoch, setup.total_steps
-    every = config.checkpoint_every or spe
-    test: dict[str, float] = {}
-    show = config.progress and primary
-
-    def epoch_sums(acc) -> dict[str, float]:
-        sums = par.get_metrics(acc) if acc is not None else dict(carried or {})
-        bad = sums.get(steps.FIRST_NONFINITE, steps.ALL_FINITE)
-        if bad < steps.ALL_FINITE:
-            raise TrainingError(
-                f"the loss became non-finite at step {int(bad)}; the last good checkpoint is "
-                f"kept in {ckpts.directory}: lower --lr or check the data"
+    run = RunDir(setup.workdir)
+    resuming = run.check_start(config.arch, config.resume)
+    if resuming and previous:
+        changed = resume.data_changes(previous.get("data"), setup.dataset.info)
+        if changed and not config.accept_new_data:
+            raise UsageError(
+                f"the data of {config.dataset} changed since the run in {run.path} started "
+                f"({'; '.join(changed)}): resume with --accept-new-data to continue on the "
+                "new data, or start a new --workdir"
             )
-        return sums
+        if changed:
+            changes["data"] = changed
+    source = None
+    if config.init_from and not resuming:
+        source = warm_start.check_source(config.init_from, setup.network)
 
-    def save(metrics: dict | None, sums: dict | None) -> None:
-        host = host_tree(par.get_state(dstate))
-        ckpts.save(step, host, batches.get_state(), {**meta, "epoch_sums": sums}, metrics)
+    tx, schedule = setup.optimizer.build()
+    state = create_train_state(setup.network, tx, config.seed)
+    replaced: list[str] = []
+    if source is not None:
+        state, replaced = warm_start.load(source, state)
+    run.create()
+    history = (previous, changes) if resuming else None
+    primary = jax.process_index() == 0
+    lock = run.locked() if primary else contextlib.nullcontext()  # one run per workdir
+    with lock, Trainer(setup, run, state, schedule, history, out) as trainer:
+        if replaced:
+            trainer.out(f"--init-from: re-initialised {', '.join(replaced)} (shape differs)")
+        return trainer.fit()
 
-    if step >= total:
-        test = evaluate(par, dstate, setup)
-    while step < total:
-        epoch = step // spe
-        acc = None
-        start = time.perf_counter()
-        first = step
-        bar = tqdm(
-            total=spe, initial=step % spe, desc=f"epoch {epoch + 1}/{config.epochs}",
-            disable=not show, leave=False, file=sys.stdout, dynamic_ncols=True,
-        )  # fmt: skip
-        while step < (epoch + 1) * spe:
-            dstate, metrics = par.train_step(dstate, par.put_batch(next(batches)))
-            if acc is None and carried:
-                # Resumed mid-epoch: continue the float32 sums exactly where they stopped,
-                # so the epoch's numbers are bit-identical to an uninterrupted run's.
-                acc = jax.tree.map(lambda m, c: jnp.full_like(m, np.float32(c)), metrics, carried)
-            acc = accumulate(acc, metrics)
-            step += 1
-            bar.update()
-            if step % config.log_every == 0 or step % spe == 0:
-                sums = epoch_sums(acc)
-                elapsed = time.perf_counter() - start
-                bar.set_postfix(
-                    loss=f"{sums['loss'] / sums['count']:.4f}",
-                    acc=f"{sums['correct'] / sums['count']:.4f}",
-                    img_s=f"{(step - first) * config.batch_size / elapsed:.0f}",
-                )
-            if stop.due(step % config.log_every == 0 or step % spe == 0):
-                break
-            if step % every == 0 and step % spe and step < total:
-                save(None, epoch_sums(acc))
-        bar.close()
-        if stop.agreed is not None and step % spe:
-            save(None, epoch_sums(acc))
-            raise_interrupted(stop.agreed, step, setup, out, primary)
+
+def resume_settings(
+    config: TrainConfig, explicit: Collection[str] | None
+) -> tuple[TrainConfig, dict | None, dict]:
+    """(the config to run, the stored config.json, the changed settings) for `config`.
+
+    Only a workdir with a checkpoint and a config.json is resumed from its settings;
+    otherwise `config` is used as it is.
+    """
+    run = RunDir(config.workdir) if config.workdir else None
+    if run is None or config.resume is False or not run.has_checkpoint():
+        return config, None, {}
+    stored = run.read_config()
+    if not stored.get("arch"):
+        return config, None, {}
+    explicit = resume.explicit_fields(config) if explicit is None else set(explicit)
+
+    def normalise(name: str, value):
+        if name == "dataset":
+            return canonical_dataset(value)
+        if name == "data_dir" and value is not None:
+            return str(Path(value).expanduser().absolute())
+        if name == "model_options" and value:
+            try:
+                return parse_options(stored["arch"], value)
+            except ValueError as e:
+                raise UsageError(str(e)) from None
+        return value
+
+    merged, changes = resume.reconcile(stored, config, explicit, normalise)
+    return merged, stored, changes
+
+
+class Trainer:
+    """One run in progress: the placed state, the data, and where everything is written."""
+
+    def __init__(
+        self,
+        setup: Setup,
+        run: RunDir,
+        state: TrainState,
+        schedule,
+        history: tuple[dict | None, dict] | None,
+        out: Callable[[str], None],
+    ):
+        """`history` is (the stored config.json, the changed settings) when resuming."""
+        self.config = setup.config
+        self.setup, self.run, self.schedule = setup, run, schedule
+        self.out = out if jax.process_index() == 0 else (lambda line: None)
+        self.step, self.carried = 0, None
+        self._closers: list[Callable[[], None]] = []
+        try:
+            self._open(state, history)
+        except BaseException:
+            self.__exit__()
+            raise
+
+    def _open(self, state: TrainState, history: tuple[dict | None, dict] | None) -> None:
+        config, setup, run = self.config, self.setup, self.run
+        primary = jax.process_index() == 0
+        data_state = None
+        self.ckpts = run.checkpoints(keep=config.keep_checkpoints, read_only=False)
+        self._closers.append(self.ckpts.close)
+        previous = None
+        if history is not None:
+            state, data_state = self._restore(state)
+            previous, changes = history
+            previous = dict(previous or run.read_config())
+            entry = resume.history_entry(self.step, changes)
+            previous["history"] = [*previous.get("history", []), entry]
+        notes = []
+        if primary:  # written only now, once the resume is known to be valid
+            run.write_config(resolved_config(setup, previous))
+            notes = metrics.resume_file(run.metrics_path, self.step, setup.steps_per_epoch)
+        self.writer = metrics.MetricsWriter(run.path, enabled=primary, resume_step=self.step)
+        self._closers.append(self.writer.close)
+        for line in console.header(setup, self.step if history is not None else None):
+            self.out(line)
+        for line in notes:
+            self.out(f"note: {line}")
+
+        self.batches = iter(self._pipeline(augment=True))
+        self._closers.append(self.batches.close)
+        if data_state is not None:
+            if config.accept_new_data:  # the same position in the stream of the new data
+                data_state = {**self.batches.get_state(), "step": data_state["step"]}
+            self.batches.set_state(data_state)
+        has_batch_norm = bool(jax.tree.leaves(state.batch_stats))
+        self.bn_pipeline = (
+            self._pipeline(augment=False) if config.precise_bn and has_batch_norm else None
+        )
+        self.par = parallel.make(config.parallel, config.label_smoothing)
+        self.dstate = self.par.put_state(state)
+        self.stop = StopRequest()
+
+    def __enter__(self) -> Trainer:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for close in reversed(self._closers):
+            close()
+
+    def _pipeline(self, augment: bool) -> data.TrainPipeline:
+        net = self.setup.network
+        return data.TrainPipeline(
+            self.setup.dataset,
+            global_batch_size=self.setup.batch_size,
+            image_size=net.image_size,
+            channels=net.in_channels,
+            seed=self.config.seed,
+            augment=augment,
+            worker_count=self.config.workers if augment else 0,
+        )
+
+    def _restore(self, state: TrainState) -> tuple[TrainState, dict]:
+        """The newest intact checkpoint (damaged newer ones set aside, and said so)."""
+        meta = self.setup.meta()
+
+        def check_meta(saved: dict) -> None:
+            for key in RESUME_KEYS:
+                if saved.get(key, {} if key == "model_options" else None) != meta[key]:
+                    raise UsageError(
+                        f"the checkpoint in {self.ckpts.directory} has {key}={saved.get(key)}, "
+                        f"this run {meta[key]}; choose another --workdir"
+                    )
+
+        host = jax.tree.map(np.asarray, serialization.to_state_dict(state))
+        try:
+            restored, data_state, saved = self.ckpts.restore_intact(host, check_meta, self.out)
+        except NoIntactCheckpoint as e:
+            raise TrainingError(str(e)) from None
+        state = serialization.from_state_dict(state, restored)
+        self.step = int(state.step)
+        self.carried = saved.get("epoch_sums")
+        return state, data_state
+
+    # -- the algorithm --------------------------------------------------------------------
+
+    def fit(self) -> dict[str, float]:
+        """Train to the last step; the final test metrics."""
+        setup = self.setup
+        test: dict[str, float] = {}
+        if self.step >= setup.total_steps:  # resumed a finished run: report it again
+            test = self.evaluate()
+        with self.stop.installed():
+            while self.step < setup.total_steps:
+                epoch = self.step // setup.steps_per_epoch
+                record = self.train_epoch(epoch)
+                test = self.end_epoch(record) or test
+        self.out(f"test accuracy: {test['accuracy']:.4f}")
+        return test
+
+    def train_epoch(self, epoch: int) -> dict:
+        """Step to the end of `epoch`; its training record. A stop agreed mid-epoch saves
+        the step reached (with the epoch's running sums) and raises `Interrupted`."""
+        setup, config, par = self.setup, self.config, self.par
+        end = (epoch + 1) * setup.steps_per_epoch
+        first, start = self.step, time.perf_counter()
+        sums = EpochSums(par.get_metrics, self.carried)
+        self.carried = None
+        done = self.step % setup.steps_per_epoch
+        with console.progress_bar(setup, epoch, done, config.progress) as bar:
+            while self.step < end:
+                batch = par.put_batch(next(self.batches))
+                self.dstate, metrics = par.train_step(self.dstate, batch)
+                sums.add(metrics)
+                self.step += 1
+                bar.update()
+                log_point = self.step % config.log_every == 0 or self.step == end
+                if log_point:
+                    host = self.finite(sums)
+                    images = (self.step - first) * setup.batch_size
+                    bar.set_postfix(
+                        loss=f"{host['loss'] / host['count']:.4f}",
+                        acc=f"{host['correct'] / host['count']:.4f}",
+                        img_s=f"{images / (time.perf_counter() - start):.0f}",
+                    )
+                if self.stop.due(sync_point=log_point):
+                    if self.step < end:
+                        self.save(epoch_sums=self.finite(sums))
+                        raise self.interrupted()
+                    break
+                if self.step % setup.checkpoint_every == 0 and self.step < end:
+                    self.save(epoch_sums=self.finite(sums))
         elapsed = time.perf_counter() - start
-        sums = epoch_sums(acc)
-        carried = None
-        record = {
+        return {
             "split": "train",
             "epoch": epoch + 1,
-            "step": step,
-            **means(sums),
-            "lr": float(schedule(step - 1)),
-            "images_per_sec": (step - first) * config.batch_size / elapsed,
+            "step": self.step,
+            **means(self.finite(sums)),
+            "lr": float(self.schedule(self.step - 1)),
+            "images_per_sec": (self.step - first) * setup.batch_size / elapsed,
         }
-        writer.write(record)
-        metrics = None
-        last = step == total
-        if (epoch + 1) % config.eval_every == 0 or last:
-            test = evaluate(par, dstate, setup)
-            writer.write({"split": "test", "epoch": epoch + 1, "step": step, **test})
+
+    def end_epoch(self, record: dict) -> dict[str, float] | None:
+        """Log the epoch, evaluate when due, checkpoint when due; the test metrics if any."""
+        setup, epoch = self.setup, record["epoch"]
+        self.log(record)
+        last = self.step == setup.total_steps
+        test, metrics = None, None
+        if epoch % self.config.eval_every == 0 or last:
+            test = self.evaluate()
+            self.log({"split": "test", "epoch": epoch, "step": self.step, **test})
             metrics = {BEST_METRIC: test["accuracy"]}
-        if primary:
-            line = f"epoch {epoch + 1}/{config.epochs}  train loss {record['loss']:.4f}  "
-            line += f"acc {record['accuracy']:.4f}  {record['images_per_sec']:.0f} img/s"
-            if metrics:
-                line += f"  |  test loss {test['loss']:.4f}  acc {test['accuracy']:.4f}"
-            out(line)
-        stopping = stop.due(sync_point=True)
-        if step % every == 0 or last or stopping:
-            save(metrics, None)
+        self.out(console.epoch_line(setup, record, test))
+        stopping = self.stop.due(sync_point=True)
+        if self.step % setup.checkpoint_every == 0 or last or stopping:
+            self.save(metrics=metrics)
         if stopping and not last:
-            raise_interrupted(stop.agreed, step, setup, out, primary)
-    if primary:
-        out(f"test accuracy: {test['accuracy']:.4f}")
-    return dstate, test
+            raise self.interrupted()
+        return test
 
+    def evaluate(self) -> dict[str, float]:
+        """Test-split loss and accuracy, after recomputing BatchNorm statistics (precise BN)."""
+        if self.bn_pipeline is not None:
+            self.dstate = precise_bn.recompute(self.par, self.dstate, self.bn_batches())
+        net = self.setup.network
+        total = EpochSums(self.par.get_metrics)
+        for batch in data.eval_batches(
+            self.setup.dataset,
+            global_batch_size=self.setup.batch_size,
+            image_size=net.image_size,
+            channels=net.in_channels,
+        ):
+            total.add(self.par.eval_step(self.dstate, self.par.put_batch(batch)))
+        return means(total.host())
 
-def raise_interrupted(signum: int, step: int, setup: Setup, out, primary: bool) -> None:
-    name = signal.Signals(signum).name
-    if primary:
-        out(
-            f"{name} at step {step}: checkpoint saved. Resume with: "
-            f"python -m flaxcnn.train --arch {setup.config.arch} --workdir {setup.workdir}"
-        )
-    raise SystemExit(128 + signum if signum != signal.SIGINT else EXIT_INTERRUPTED)
+    def bn_batches(self) -> Iterator[dict[str, np.ndarray]]:
+        """The same first `precise_bn` training batches every time (no augmentation)."""
+        count = min(self.config.precise_bn, self.setup.steps_per_epoch)
+        batches = iter(self.bn_pipeline)
+        try:
+            for _ in range(count):
+                yield next(batches)
+        finally:
+            batches.close()
+
+    # -- bookkeeping ----------------------------------------------------------------------
+
+    def finite(self, sums: EpochSums) -> dict[str, float]:
+        """The sums on the host; NonFiniteLoss if a step's loss was NaN or infinite."""
+        host = sums.host()
+        bad = host.get(steps.FIRST_NONFINITE, steps.ALL_FINITE)
+        if bad < steps.ALL_FINITE:
+            raise NonFiniteLoss(int(bad), self.ckpts.directory)
+        return host
+
+    def save(self, metrics: dict | None = None, epoch_sums: dict | None = None) -> None:
+        state = self.par.get_state(self.dstate)
+        host = jax.tree.map(np.asarray, serialization.to_state_dict(state))
+        meta = {**self.setup.meta(), "epoch_sums": epoch_sums}
+        try:
+            self.ckpts.save(self.step, host, self.batches.get_state(), meta, metrics)
+        except CheckpointWriteError as e:
+            raise TrainingError(
+                f"cannot write the checkpoint at step {self.step} in {self.ckpts.directory} "
+                f"({e.strerror}); the ones before it are intact: free space, then resume"
+            ) from None
+
+    def log(self, record: dict) -> None:
+        try:
+            self.writer.write(record)
+        except OSError as e:
+            raise TrainingError(
+                f"cannot write {self.run.metrics_path} ({e.strerror}); the checkpoints are "
+                "intact: free space, then resume"
+            ) from None
+
+    def interrupted(self) -> Interrupted:
+        return Interrupted(self.stop.agreed, self.step, self.setup.workdir)

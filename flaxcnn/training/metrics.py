@@ -1,4 +1,5 @@
-"""Where a run's numbers go: `metrics.jsonl`, TensorBoard event files, and nowhere else.
+"""Where a run's numbers go: `metrics.jsonl`, TensorBoard event files, and nowhere else;
+and the running sums an epoch's training numbers come from.
 
 Only process 0 writes. Each JSON line is flushed and fsynced as it is written; on resume
 the lines past the restored step are dropped (with an atomic rewrite) so that a resumed
@@ -10,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 TIMING_FIELDS = ("images_per_sec", "time")
 
@@ -21,7 +23,6 @@ class MetricsWriter:
         self._tb = None
         if not enabled:
             return
-        truncate_after(self.path, resume_step)
         from tensorboardX import SummaryWriter  # imported here: process 0 only
 
         self._tb = SummaryWriter(
@@ -47,22 +48,116 @@ class MetricsWriter:
 
 
 def read(path: str | os.PathLike) -> list[dict]:
-    """The records of a `metrics.jsonl` (or of the one in a workdir)."""
+    """The records of a `metrics.jsonl` (or of the one in a workdir).
+
+    A half-written last line (a kill or a full disk mid-write) is left out; any other line
+    that is not a JSON object raises ValueError naming its line number.
+    """
+    return _parse(path)[0]
+
+
+def _parse(path: str | os.PathLike, strict: bool = True) -> tuple[list[dict], list[int]]:
+    """(records, numbers of the lines left out): a torn last line always, any other line
+    that is not a JSON object only when not `strict` (else ValueError)."""
     path = Path(path)
     if path.is_dir():
         path = path / "metrics.jsonl"
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    text = path.read_text()
+    lines = text.split("\n")
+    records, dropped = [], []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            record = None
+        if not isinstance(record, dict):
+            torn = number == len(lines) and not text.endswith("\n")  # cut off mid-write
+            if not (torn or not strict):
+                raise ValueError(f"{path} line {number} is not a JSON object: {line[:60]!r}")
+            dropped.append(number)
+            continue
+        records.append(record)
+    return records, dropped
 
 
-def truncate_after(path: Path, step: int) -> None:
-    """Drop the records logged after `step` (they are about to be logged again)."""
+def resume_file(path: Path, step: int, steps_per_epoch: int) -> list[str]:
+    """Make `metrics.jsonl` what an uninterrupted run would have at `step`; say what was lost.
+
+    Records logged after `step` are dropped (they are about to be logged again), so is a
+    torn last line; a missing file, or one without the train records of epochs finished
+    by `step`, is reported (those records cannot be recovered), not fatal.
+    """
+    notes: list[str] = []
     if not path.exists():
-        return
-    kept = [r for r in read(path) if r["step"] <= step] if step else []
+        if step:
+            notes.append(
+                f"{path} is missing: the records up to step {step} are lost; new ones follow"
+            )
+        return notes
+    records, dropped = _parse(path, strict=False)
+    torn = [n for n in dropped if n == len(path.read_text().split("\n"))]
+    if torn:
+        notes.append(f"{path}: dropped a half-written last line (line {torn[0]})")
+    if len(dropped) > len(torn):
+        others = ", ".join(str(n) for n in dropped if n not in torn)
+        notes.append(f"{path}: dropped line(s) {others}, which are not JSON objects")
+    kept = [r for r in records if r.get("step", 0) <= step] if step else []
+    finished = step // steps_per_epoch
+    logged = {r.get("epoch") for r in kept if r.get("split") == "train"}
+    lost = [e for e in range(1, finished + 1) if e not in logged]
+    if lost:
+        span = f"{lost[0]}" if len(lost) == 1 else f"{lost[0]}-{lost[-1]}"
+        notes.append(
+            f"{path} has no records of epoch(s) {span} (the file was shortened): they are lost"
+        )
     tmp = path.with_suffix(".jsonl.tmp")
     with open(tmp, "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in kept)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+    return notes
+
+
+class EpochSums:
+    """The running sums (loss x examples, correct, examples) of an epoch's train steps.
+
+    The sums stay on the devices and add up in float32 as the steps return them; `host()`
+    fetches them (a sync) at log points. A run resumed mid-epoch starts from the sums saved
+    with the checkpoint, so the epoch's numbers are bit-identical to an uninterrupted run's.
+    The non-finite marker (the first step whose loss was NaN/inf) is a running minimum.
+    """
+
+    def __init__(self, get_metrics, carried: dict[str, float] | None = None):
+        self._get_metrics = get_metrics
+        self._carried = carried
+        self._device: Any = None
+
+    def add(self, metrics: Any) -> None:
+        import jax
+        import jax.numpy as jnp
+        import numpy as np
+
+        from flaxcnn.training.steps import FIRST_NONFINITE
+
+        if self._device is None:
+            if self._carried:
+                carried = self._carried
+                self._device = jax.tree.map(
+                    lambda m, c: jnp.full_like(m, np.float32(c)), metrics, carried
+                )
+            else:
+                self._device = metrics
+                return
+        self._device = {
+            k: (jnp.minimum if k == FIRST_NONFINITE else jnp.add)(self._device[k], v)
+            for k, v in metrics.items()
+        }
+
+    def host(self) -> dict[str, float]:
+        """The sums as Python floats (those carried over when no step has run yet)."""
+        if self._device is None:
+            return dict(self._carried or {})
+        return self._get_metrics(self._device)

@@ -7,6 +7,9 @@ size or the number of devices does not call for a new learning rate.
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Any
+
 import jax
 import optax
 
@@ -61,3 +64,37 @@ def make_optimizer(
     if name == "adamw":
         return optax.adamw(schedule, weight_decay=weight_decay, mask=decay_mask)
     raise ValueError(f"unknown optimizer {name!r}; choose from {', '.join(OPTIMIZERS)}")
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerSettings:
+    """Everything that defines a run's optimizer and schedule, resolved to numbers."""
+
+    name: str
+    peak_lr: float  # already scaled to the global batch
+    schedule: str
+    total_steps: int
+    warmup_steps: int
+    weight_decay: float
+
+    @classmethod
+    def from_config(
+        cls, config: Any, *, batch_size: int, total_steps: int, warmup_steps: int
+    ) -> OptimizerSettings:
+        """A `TrainConfig`'s optimizer with its defaults filled in: the learning rate (per
+        256 images, scaled to `batch_size`) and the weight decay of the optimizer."""
+        name = config.optimizer
+        base = DEFAULT_LR[name] if config.lr is None else config.lr
+        decay = config.weight_decay
+        return cls(
+            name=name,
+            peak_lr=scaled_lr(base, batch_size),
+            schedule=config.schedule,
+            total_steps=total_steps,
+            warmup_steps=warmup_steps,
+            weight_decay=DEFAULT_WEIGHT_DECAY[name] if decay is None else decay,
+        )
+
+    def build(self) -> tuple[optax.GradientTransformation, optax.Schedule]:
+        schedule = make_schedule(self.schedule, self.peak_lr, self.total_steps, self.warmup_steps)
+        return make_optimizer(self.name, schedule, self.weight_decay), schedule

@@ -38,6 +38,7 @@ class DataParallel:
         train = functools.partial(steps.train_step, label_smoothing=label_smoothing)
         self.train_step = self._compile(train, donate=True)
         self.eval_step = self._compile(steps.eval_step, donate=False)
+        self.batch_norm_step = self._compile(steps.batch_norm_step, donate=False)
 
     def _compile(self, fn: Callable, donate: bool) -> Callable:
         raise NotImplementedError

@@ -16,9 +16,11 @@ import jax.numpy as jnp
 from jax import lax
 
 from flaxcnn import losses
+from flaxcnn.models import layers
+from flaxcnn.training import evaluation
 from flaxcnn.training.state import TrainState
 
-AXIS = "batch"
+AXIS = "batch"  # the data-parallel axis
 AUX_LOSS_WEIGHT = 0.3  # GoogLeNet's auxiliary classifiers (Szegedy et al., 2015)
 FIRST_NONFINITE = "first_nonfinite_step"
 ALL_FINITE = float(jnp.finfo(jnp.float32).max)  # FIRST_NONFINITE when there was none
@@ -76,26 +78,26 @@ def train_step(
 
 def eval_step(state: TrainState, batch: dict[str, jax.Array]) -> Metrics:
     """Sums over the real examples of the batch: padding (mask False) counts for nothing."""
-    logits = state.apply_fn(
-        {"params": state.params, "batch_stats": state.batch_stats}, batch["image"], train=False
-    )
-    labels, mask = batch["label"], batch["mask"]
-    weight = mask.astype(jnp.float32)
-    per_example = -losses.true_class_log_prob(
-        jax.nn.log_softmax(logits.astype(jnp.float32)), labels
-    )
-    top5 = lax.top_k(logits, min(5, logits.shape[-1]))[1]
-    metrics = {
-        "loss": jnp.sum(jnp.where(mask, per_example, 0.0)),
-        "correct": jnp.sum((jnp.argmax(logits, -1) == labels) * weight),
-        "correct_top5": jnp.sum(jnp.any(top5 == labels[:, None], axis=-1) * weight),
-        "count": jnp.sum(weight),
-    }
-    return lax.psum(metrics, AXIS)
+    variables = {"params": state.params, "batch_stats": state.batch_stats}
+    logits = evaluation.logits(state.apply_fn, variables, batch["image"])
+    metrics = evaluation.example_metrics(logits, batch["label"])
+    return lax.psum(evaluation.masked_sums(metrics, batch["mask"]), AXIS)
 
 
-def predict_step(state: TrainState, images: jax.Array) -> jax.Array:
-    """Logits in eval mode (used by `flaxcnn.evaluate`)."""
-    return state.apply_fn(
-        {"params": state.params, "batch_stats": state.batch_stats}, images, train=False
+def batch_norm_step(state: TrainState, batch: dict[str, jax.Array]) -> Any:
+    """Every BatchNorm layer's statistics of this (global) batch, with the current weights.
+
+    The network runs in train mode, as in a step, so each layer normalises with its batch
+    statistics (averaged over the data axis) and sees the input the weights give it now.
+    Flax's BatchNorm updates `ra = m * ra + (1 - m) * batch_stat`; starting from zeros,
+    one call leaves `(1 - m) * batch_stat`, which gives the batch's own mean and variance.
+    """
+    zeros = jax.tree.map(jnp.zeros_like, state.batch_stats)
+    _, updates = state.apply_fn(
+        {"params": state.params, "batch_stats": zeros},
+        batch["image"],
+        train=True,
+        rngs={"dropout": jax.random.key(0)},  # dropout before a BatchNorm, as in training
+        mutable=["batch_stats"],
     )
+    return jax.tree.map(lambda s: s / (1.0 - layers.TORCH_BN_MOMENTUM), updates["batch_stats"])

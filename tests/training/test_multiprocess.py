@@ -50,14 +50,11 @@ NOT_INHERITED = (
 
 
 @pytest.fixture(scope="module")
-def shared(tmp_path_factory) -> dict[str, Path]:
+def shared(tmp_path_factory, digits_data_dir) -> dict[str, Path]:
     """The digits, prepared once before any run (no two processes racing to prepare
     them), and a compilation cache that later runs reuse."""
-    from flaxcnn import data
-
     root = tmp_path_factory.mktemp("multiprocess")
-    data.load("digits", data_dir=root / "tfds")
-    return {"data": root / "tfds", "cache": root / "jax-cache"}
+    return {"data": digits_data_dir, "cache": root / "jax-cache"}
 
 
 @pytest.fixture(scope="module")

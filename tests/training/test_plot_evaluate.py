@@ -25,17 +25,17 @@ from flaxcnn import cli, data, plot
 from flaxcnn import evaluate as ev
 from flaxcnn.training import TrainConfig, train
 from flaxcnn.training import metrics as metrics_io
+from flaxcnn.training.rundir import RunDir
 
 REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> Iterator[Path]:
-    """A private TFDS directory, also the default one while this module runs."""
-    path = tmp_path_factory.mktemp("tfds")
+def data_dir(digits_data_dir) -> Iterator[Path]:
+    """The session's prepared digits, also the default TFDS directory while this module runs."""
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("TFDS_DATA_DIR", str(path))
-        yield path
+        mp.setenv("TFDS_DATA_DIR", str(digits_data_dir))
+        yield digits_data_dir
 
 
 @pytest.fixture(scope="module")
@@ -151,7 +151,7 @@ def test_a_failed_write_leaves_the_previous_png_and_no_temporary(tmp_path, monke
 
 def test_evaluate_top1_equals_the_logged_test_accuracy(run, result):
     logged = logged_test(run, result["step"])
-    assert result["step"] in ev.steps_on_disk(run / "checkpoints")
+    assert result["step"] in RunDir(run).checkpoint_steps()
     assert result["arch"] == "lenet5" and result["dataset"] == "digits"
     assert result["top1"] == logged["accuracy"]
     assert result["top5"] == logged["top5_accuracy"]
@@ -160,7 +160,7 @@ def test_evaluate_top1_equals_the_logged_test_accuracy(run, result):
 
 
 def test_evaluate_every_checkpointed_epoch_matches_its_log(run):
-    steps = ev.steps_on_disk(run / "checkpoints")
+    steps = RunDir(run).checkpoint_steps()
     assert len(steps) == 2
     for step in steps:
         # batch 7 leaves a padded last batch (360 = 51 x 7 + 3): the mask must drop it.

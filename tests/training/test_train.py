@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -28,43 +29,33 @@ BASE = [
 ]  # fmt: skip
 
 
-@pytest.fixture(scope="session")
-def data_dir(tmp_path_factory) -> Path:
-    """The digits prepared once for every run of the session."""
-    from flaxcnn import data
-
-    path = tmp_path_factory.mktemp("tfds")
-    data.load("digits", data_dir=path)
-    return path
-
-
-def env_for(devices: int, data_dir: Path) -> dict[str, str]:
+def env_for(devices: int, digits_data_dir: Path) -> dict[str, str]:
     env = dict(os.environ)
     env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
     env["JAX_PLATFORMS"] = "cpu"
-    env["TFDS_DATA_DIR"] = str(data_dir)
+    env["TFDS_DATA_DIR"] = str(digits_data_dir)
     env.pop("JAX_NUM_CPU_DEVICES", None)
     return env
 
 
-def start(args, data_dir, devices=1) -> subprocess.Popen:
+def start(args, digits_data_dir, devices=1) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "flaxcnn.train", *args],
-        env=env_for(devices, data_dir),
+        env=env_for(devices, digits_data_dir),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
     )
 
 
-def run(args, data_dir, devices=1, timeout=300) -> subprocess.CompletedProcess:
-    proc = start(args, data_dir, devices)
+def run(args, digits_data_dir, devices=1, timeout=300) -> subprocess.CompletedProcess:
+    proc = start(args, digits_data_dir, devices)
     out, err = proc.communicate(timeout=timeout)
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
-def train_ok(args, data_dir, devices=1) -> subprocess.CompletedProcess:
-    result = run(args, data_dir, devices)
+def train_ok(args, digits_data_dir, devices=1) -> subprocess.CompletedProcess:
+    result = run(args, digits_data_dir, devices)
     assert result.returncode == 0, result.stderr[-3000:]
     return result
 
@@ -87,7 +78,7 @@ def assert_metrics_close(a: list[dict], b: list[dict], rtol: float) -> None:
                 np.testing.assert_allclose(ra[key], rb[key], rtol=rtol, atol=1e-6, err_msg=key)
 
 
-def test_one_device_four_devices_pmap_and_shard_map_agree(data_dir, tmp_path):
+def test_one_device_four_devices_pmap_and_shard_map_agree(digits_data_dir, tmp_path):
     """Same global batch and seed: 1 device == 4 devices (pmap) == 4 devices (shard_map).
 
     One step agrees to ~1e-7 (see test_steps.py); over many steps at a large learning
@@ -95,11 +86,11 @@ def test_one_device_four_devices_pmap_and_shard_map_agree(data_dir, tmp_path):
     end-to-end runs use a small one and 1e-4.
     """
     args = [*BASE, "--epochs", "1", "--lr", "0.0005", "--batch-size", "64"]
-    one = train_ok([*args, "--workdir", str(tmp_path / "one")], data_dir, devices=1)
-    train_ok([*args, "--workdir", str(tmp_path / "four")], data_dir, devices=4)
+    one = train_ok([*args, "--workdir", str(tmp_path / "one")], digits_data_dir, devices=1)
+    train_ok([*args, "--workdir", str(tmp_path / "four")], digits_data_dir, devices=4)
     train_ok(
         [*args, "--workdir", str(tmp_path / "smap"), "--parallel", "shard_map"],
-        data_dir,
+        digits_data_dir,
         devices=4,
     )
     reference = records(tmp_path / "one")
@@ -111,10 +102,10 @@ def test_one_device_four_devices_pmap_and_shard_map_agree(data_dir, tmp_path):
     assert config["devices"] == 4 and config["batch_size"] == 64 and config["image_size"] == 8
 
 
-def test_same_seed_same_metrics_and_outputs(data_dir, tmp_path):
+def test_same_seed_same_metrics_and_outputs(digits_data_dir, tmp_path):
     args = [*BASE, "--epochs", "2", "--arch", "netresdeep", "--dropout", "0.2"]
-    train_ok([*args, "--workdir", str(tmp_path / "a")], data_dir)
-    train_ok([*args, "--workdir", str(tmp_path / "b")], data_dir)
+    train_ok([*args, "--workdir", str(tmp_path / "a")], digits_data_dir)
+    train_ok([*args, "--workdir", str(tmp_path / "b")], digits_data_dir)
     assert records(tmp_path / "a") == records(tmp_path / "b")
     files = {p.name for p in (tmp_path / "a").iterdir()}
     assert {"config.json", "metrics.jsonl", "checkpoints", "tensorboard"} <= files
@@ -151,19 +142,21 @@ RESUMABLE = [*BASE, "--epochs", "3", "--checkpoint-every", "7"]
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(data_dir, tmp_path_factory) -> list[dict]:
+def uninterrupted(digits_data_dir, tmp_path_factory) -> list[dict]:
     workdir = tmp_path_factory.mktemp("full")
-    train_ok([*RESUMABLE, "--workdir", str(workdir)], data_dir)
+    train_ok([*RESUMABLE, "--workdir", str(workdir)], digits_data_dir)
     return records(workdir)
 
 
 @pytest.mark.parametrize("how", ["kill -9", "SIGTERM"])
-def test_interrupted_run_resumes_to_identical_metrics(data_dir, tmp_path, how, uninterrupted):
+def test_interrupted_run_resumes_to_identical_metrics(
+    digits_data_dir, tmp_path, how, uninterrupted
+):
     """Killed mid-epoch, resumed: the metrics equal an uninterrupted run's exactly."""
     args = RESUMABLE
 
     part = tmp_path / "part"
-    proc = start([*args, "--workdir", str(part)], data_dir)
+    proc = start([*args, "--workdir", str(part)], digits_data_dir)
     saved = wait_for_checkpoint(part, proc, min_step=7)
     proc.send_signal(signal.SIGKILL if how == "kill -9" else signal.SIGTERM)
     out, err = proc.communicate(timeout=120)
@@ -176,17 +169,22 @@ def test_interrupted_run_resumes_to_identical_metrics(data_dir, tmp_path, how, u
     interrupted_at = max(finished_checkpoints(part))  # a kill mid-save leaves a tmp dir
     assert saved <= interrupted_at < total_steps, "the run was not interrupted mid-way"
 
-    resumed = train_ok([*args, "--workdir", str(part)], data_dir)
+    if how == "SIGTERM":  # the command printed, as printed: the workdir is all it takes
+        command = out.strip().splitlines()[-1].split("Resume with: ")[1]
+        assert command == shlex.join(["python", "-m", "flaxcnn.train", "--workdir", str(part)])
+        resumed = train_ok(shlex.split(command)[3:], digits_data_dir)
+    else:
+        resumed = train_ok([*args, "--workdir", str(part)], digits_data_dir)
     assert f"resuming     from step {interrupted_at}" in resumed.stdout
     assert records(part) == uninterrupted
 
 
-def test_nonfinite_loss_stops_with_the_step_and_keeps_good_checkpoints(data_dir, tmp_path):
+def test_nonfinite_loss_stops_with_the_step_and_keeps_good_checkpoints(digits_data_dir, tmp_path):
     workdir = tmp_path / "nan"
     result = run(
         ["--arch", "lenet5", "--lr", "1e30", "--checkpoint-every", "1", "--workdir",
          str(workdir), "--no-progress", "--epochs", "1"],
-        data_dir,
+        digits_data_dir,
     )  # fmt: skip
     assert result.returncode == 1
     message = result.stderr.strip().splitlines()[-1]
@@ -197,14 +195,16 @@ def test_nonfinite_loss_stops_with_the_step_and_keeps_good_checkpoints(data_dir,
     assert "Traceback" not in result.stderr
 
 
-def test_init_from_loads_weights_and_replaces_a_classifier_of_another_size(data_dir, tmp_path):
+def test_init_from_loads_weights_and_replaces_a_classifier_of_another_size(
+    digits_data_dir, tmp_path
+):
     from PIL import Image
 
     from flaxcnn.training import TrainConfig, train
 
     source = tmp_path / "source"
     lines: list[str] = []
-    common = {"arch": "lenet5", "epochs": 1, "data_dir": str(data_dir), "progress": False}
+    common = {"arch": "lenet5", "epochs": 1, "data_dir": str(digits_data_dir), "progress": False}
     first = train(TrainConfig(**common, workdir=str(source)), out=lines.append)
     assert lines[-1] == f"test accuracy: {first['accuracy']:.4f}"
 
@@ -250,10 +250,10 @@ BAD_INPUT = [
 
 
 @pytest.mark.parametrize("argv, message", BAD_INPUT)
-def test_bad_input_one_line_exit_2(argv, message, data_dir, tmp_path, capsys, monkeypatch):
+def test_bad_input_one_line_exit_2(argv, message, digits_data_dir, tmp_path, capsys, monkeypatch):
     from flaxcnn import train as cli
 
-    monkeypatch.setenv("TFDS_DATA_DIR", str(data_dir))
+    monkeypatch.setenv("TFDS_DATA_DIR", str(digits_data_dir))
     workdir = tmp_path / "w"
     with pytest.raises(SystemExit) as exit_:
         cli.main([*argv, "--workdir", str(workdir), "--no-progress"])
@@ -271,18 +271,20 @@ def snapshot(directory: Path) -> dict[str, str]:
     }
 
 
-def test_existing_workdir_is_never_damaged_by_bad_runs(data_dir, tmp_path, capsys, monkeypatch):
+def test_existing_workdir_is_never_damaged_by_bad_runs(
+    digits_data_dir, tmp_path, capsys, monkeypatch
+):
     from flaxcnn import train as cli
 
-    monkeypatch.setenv("TFDS_DATA_DIR", str(data_dir))
+    monkeypatch.setenv("TFDS_DATA_DIR", str(digits_data_dir))
     workdir = tmp_path / "lenet"
     cli.main(["--arch", "lenet5", "--epochs", "1", "--workdir", str(workdir), "--no-progress"])
     before = snapshot(workdir)
     attempts = [
-        (["--arch", "netresdeep"], "holds a lenet5 run"),  # another arch in the same workdir
+        (["--arch", "netresdeep"], "--arch netresdeep contradicts the run"),  # another arch
         (["--arch", "lenet5", "--no-resume"], "already holds checkpoints"),
         (["--arch", "lenet5", "--epochs", "-3"], "--epochs must be positive"),
-        (["--arch", "lenet5", "--batch-size", "6"], "does not divide evenly"),
+        (["--arch", "lenet5", "--batch-size", "6"], "--batch-size 6 contradicts the run"),
     ]
     for argv, message in attempts:
         capsys.readouterr()
@@ -307,8 +309,8 @@ def test_existing_workdir_is_never_damaged_by_bad_runs(data_dir, tmp_path, capsy
     assert blocker.read_text() == "not a directory"
 
 
-def test_cli_bad_input_through_a_real_process(data_dir, tmp_path):
-    result = run(["--arch", "vgg61", "--workdir", str(tmp_path / "w")], data_dir)
+def test_cli_bad_input_through_a_real_process(digits_data_dir, tmp_path):
+    result = run(["--arch", "vgg61", "--workdir", str(tmp_path / "w")], digits_data_dir)
     assert result.returncode == 2
     assert result.stderr.strip().startswith("error: unknown architecture 'vgg61'. Did you mean")
     assert len(result.stderr.strip().splitlines()) == 1

@@ -1,0 +1,70 @@
+"""What a run prints: the header, one line per epoch, and a progress bar.
+
+Results go to `out` (stdout by default), one line each, so that a redirected log reads
+like the screen. The progress bar goes to stderr, and only when stderr is a terminal: a
+log file gets no carriage-return updates.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import jax
+
+from flaxcnn.training.resolve import Setup
+
+
+def header(setup: Setup, resumed_from: int | None) -> list[str]:
+    c, info, net, opt = setup.config, setup.dataset.info, setup.network, setup.optimizer
+    devices, local = jax.device_count(), jax.local_device_count()
+    kind = jax.devices()[0].platform
+    stem = ", small-input stem" if net.options.get("small_stem") else ""
+    chosen = (
+        f" (chosen for {info.num_train} training images; --batch-size to change)"
+        if setup.batch_size_chosen and setup.batch_size != 128
+        else ""
+    )
+    options = {k: v for k, v in net.options.items() if k != "small_stem"}
+    lines = [
+        f"flaxcnn: {c.arch} on {info.name} ({info.num_classes} classes, "
+        f"{info.num_train} train / {info.num_test} test images)",
+        f"  parameters   {setup.params:,}",
+        f"  devices      {devices} x {kind} ({jax.process_count()} process(es), {local} local)",
+        f"  batch        {setup.batch_size} global, {setup.batch_size // devices} per device, "
+        f"{setup.steps_per_epoch} steps per epoch{chosen}",
+        f"  image size   {net.image_size}x{net.image_size}x{net.in_channels}{stem}",
+        f"  dtype        {c.dtype} compute, float32 parameters",
+        f"  optimizer    {opt.name}, lr {opt.peak_lr:g} (= base x {setup.batch_size}/256), "
+        f"{opt.schedule} schedule, weight decay {opt.weight_decay:g}",
+        f"  parallel     {c.parallel}",
+        f"  workdir      {setup.workdir}",
+    ]
+    if options:
+        listed = ", ".join(f"{k}={v}" for k, v in options.items())
+        lines.insert(6, f"  options      {listed}")
+    if resumed_from is not None:
+        lines.append(f"  resuming     from step {resumed_from}")
+    return lines
+
+
+def epoch_line(setup: Setup, train: dict[str, Any], test: dict[str, float] | None) -> str:
+    line = (
+        f"epoch {train['epoch']}/{setup.config.epochs}  train loss {train['loss']:.4f}  "
+        f"acc {train['accuracy']:.4f}  {train['images_per_sec']:.0f} img/s"
+    )
+    if test:
+        line += f"  |  test loss {test['loss']:.4f}  acc {test['accuracy']:.4f}"
+    return line
+
+
+def progress_bar(setup: Setup, epoch: int, done: int, enabled: bool):
+    """A tqdm bar for one epoch on stderr, shown on a terminal or in a notebook only."""
+    from tqdm.auto import tqdm
+
+    # A notebook's stderr is no terminal, but tqdm.auto draws a widget there.
+    show = enabled and (sys.stderr.isatty() or "ipykernel" in sys.modules)
+    return tqdm(
+        total=setup.steps_per_epoch, initial=done, desc=f"epoch {epoch + 1}/{setup.config.epochs}",
+        disable=not show, leave=False, file=sys.stderr, dynamic_ncols=True,
+    )  # fmt: skip

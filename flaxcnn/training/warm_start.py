@@ -1,0 +1,103 @@
+"""`--init-from`: start a run from another run's weights (fine-tuning, longer schedules).
+
+`check_source` answers quickly, before anything is compiled: the source must hold a
+checkpoint of the same architecture with the same model options, except those that only
+change training or initialisation (dropout rates, auxiliary heads, the small-input stem,
+zero-initialised residuals). `load` then copies every parameter and BatchNorm statistic
+whose name and shape match; the others (the classifier, when the class count differs; a
+stem of another size) keep their fresh initialisation and are named.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+from flax import serialization
+
+from flaxcnn import models
+from flaxcnn.cli import UsageError
+from flaxcnn.training.build import Network
+from flaxcnn.training.checkpoint import Checkpoints, damage, read_meta_file
+from flaxcnn.training.rundir import CHECKPOINTS
+from flaxcnn.training.state import TrainState
+
+# Options a warm start may change: they do not change what the copied weights mean.
+FREE_OPTIONS = frozenset(
+    {"dropout_rate", "aux_dropout_rate", "aux_logits", "small_stem", "zero_init_residual"}
+)
+
+
+def check_source(path: str, network: Network) -> Path:
+    """The checkpoint directory of `path` (a workdir or its checkpoints/); UsageError when it
+    has no checkpoint, or one of another architecture or other model options."""
+    source = Path(path)
+    directory = source / CHECKPOINTS if (source / CHECKPOINTS).is_dir() else source
+    if not directory.is_dir():
+        raise UsageError(f"--init-from {path}: no such directory")
+    steps = sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit() and p.is_dir())
+    if not steps:
+        raise UsageError(f"--init-from {path}: no checkpoint found there")
+    meta = read_meta_file(directory, steps[-1])
+    if meta.get("arch") != network.arch:
+        raise UsageError(
+            f"--init-from {path} holds a {meta.get('arch')} checkpoint, not {network.arch}"
+        )
+    defaults = models.options(network.arch)
+    stored = meta.get("model_options") or {}
+    for key in sorted((set(stored) | set(network.options)) - FREE_OPTIONS):
+        before = stored.get(key, defaults.get(key))
+        now = network.options.get(key, defaults.get(key))
+        if _normalise(before) != _normalise(now):
+            raise UsageError(
+                f"--init-from {path} was trained with {key}={before}, this run has {key}={now}: "
+                f"give --model-option {key}={before} to start from it"
+            )
+    return directory
+
+
+def _normalise(value: Any) -> Any:
+    return tuple(value) if isinstance(value, list) else value
+
+
+def load(directory: Path, state: TrainState) -> tuple[TrainState, list[str]]:
+    """`state` with the params and BatchNorm statistics of the best (else latest) checkpoint
+    in `directory` where names and shapes match; returns it and the names left fresh."""
+    ckpts = Checkpoints(directory, read_only=True)
+    try:
+        step = ckpts.best_step()
+        step = ckpts.latest_step() if step is None else step
+        problem = damage(directory / str(step))
+        if problem:
+            raise UsageError(f"--init-from: the checkpoint at step {step} is damaged ({problem})")
+        restored = ckpts.manager.restore(step)["state"]  # structure as saved, no template
+    finally:
+        ckpts.close()
+    replaced: list[str] = []
+
+    def merge(fresh_tree, loaded_tree):
+        loaded = {
+            jax.tree_util.keystr(p): v
+            for p, v in jax.tree_util.tree_flatten_with_path(loaded_tree)[0]
+        }
+
+        def take(path, fresh):
+            value = loaded.get(jax.tree_util.keystr(path))
+            if value is not None and np.shape(value) == np.shape(fresh):
+                return np.asarray(value, dtype=np.asarray(fresh).dtype)
+            replaced.append(jax.tree_util.keystr(path))
+            return np.asarray(fresh)
+
+        return jax.tree_util.tree_map_with_path(take, fresh_tree)
+
+    params = merge(serialization.to_state_dict(state.params), restored.get("params", {}))
+    stats = merge(serialization.to_state_dict(state.batch_stats), restored.get("batch_stats", {}))
+    params = serialization.from_state_dict(state.params, params)
+    state = state.replace(
+        params=params,
+        batch_stats=serialization.from_state_dict(state.batch_stats, stats),
+        opt_state=state.tx.init(params),
+    )
+    return state, replaced

@@ -1,0 +1,327 @@
+"""A run directory's life: resume from its own config.json, one run at a time, damaged files
+survived, and inputs that must not hang or crash.
+
+Each test reproduces a case that used to lose or silently change a user's work.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from flaxcnn import evaluate, plot
+from flaxcnn import train as cli
+from flaxcnn.training import TrainConfig, TrainingError, UsageError, train
+from flaxcnn.training.checkpoint import CHECKSUMS
+from flaxcnn.training.rundir import RunDir
+
+
+def snapshot(directory: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(directory.rglob("*"))
+        if p.is_file() and p.name != ".lock"
+    }
+
+
+def quiet(line: str) -> None:
+    pass
+
+
+@pytest.fixture
+def env(digits_data_dir, monkeypatch):
+    monkeypatch.setenv("TFDS_DATA_DIR", str(digits_data_dir))
+    return digits_data_dir
+
+
+def cli_lines(argv, capsys) -> tuple[int, list[str], list[str]]:
+    """(exit code, stdout lines, stderr lines) of `python -m flaxcnn.train ARGV`, in process."""
+    capsys.readouterr()
+    try:
+        cli.main(argv)
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    captured = capsys.readouterr()
+    return code, captured.out.strip().splitlines(), captured.err.strip().splitlines()
+
+
+@pytest.fixture(scope="module")
+def lenet_run(digits_data_dir, tmp_path_factory) -> Path:
+    """A finished 1-epoch LeNet-5 run with batch 32 (not the default), lr 0.05."""
+    workdir = tmp_path_factory.mktemp("runs") / "lenet"
+    cfg = TrainConfig(
+        arch="lenet5", epochs=1, batch_size=32, lr=0.05, seed=1, progress=False,
+        data_dir=str(digits_data_dir), workdir=str(workdir),
+    )  # fmt: skip
+    train(cfg, out=quiet)
+    return workdir
+
+
+CONTRADICTIONS = [
+    (["--batch-size", "64"], "--batch-size 64 contradicts the run", "which has 32"),
+    (["--optimizer", "adamw"], "--optimizer adamw contradicts", "which has sgd"),
+    (["--lr", "0.5"], "--lr 0.5 contradicts", "which has 0.05"),
+    (["--schedule", "step"], "--schedule step contradicts", "which has cosine"),
+    (["--arch", "resnet20"], "--arch resnet20 contradicts", "which has lenet5"),
+    (["--dataset", "mnist"], "--dataset mnist contradicts", "which has digits"),
+    (["--image-size", "16"], "--image-size 16 contradicts", "which has 32"),
+    (["--model-option", "pooling=avg"], "--model-option pooling=avg contradicts", "pooling=max"),
+    (["--seed", "2"], "--seed 2 contradicts", "which has 1"),
+    (["--dtype", "bfloat16"], "--dtype bfloat16 contradicts", "which has float32"),
+    (["--label-smoothing", "0.1"], "--label-smoothing 0.1 contradicts", "which has 0"),
+    (["--weight-decay", "0"], "--weight-decay 0 contradicts", "which has 0.0005"),
+    (["--epochs", "0"], "--epochs must be positive", ""),
+    (["--init-from", "elsewhere"], "--init-from elsewhere contradicts", "which has None"),
+]
+
+
+@pytest.mark.parametrize("argv, message, stored", CONTRADICTIONS)
+def test_a_flag_that_contradicts_the_run_is_refused_and_nothing_is_written(
+    argv, message, stored, lenet_run, env, capsys
+):
+    before = snapshot(lenet_run)
+    code, _, err = cli_lines(["--workdir", str(lenet_run), *argv], capsys)
+    assert code == 2
+    assert len(err) == 1 and message in err[0] and stored in err[0], err
+    assert snapshot(lenet_run) == before  # config.json untouched, metrics and checkpoints too
+
+
+def test_workdir_alone_resumes_with_every_stored_setting_and_records_changes(
+    lenet_run, env, tmp_path, capsys
+):
+    """The stored run: batch 32, lr 0.05, seed 1. Resumed with --workdir alone it keeps them;
+    a longer --epochs and other harmless changes go into the run's history."""
+    import shutil
+
+    workdir = tmp_path / "copy"
+    shutil.copytree(lenet_run, workdir)
+    code, out, err = cli_lines(["--workdir", str(workdir)], capsys)
+    assert code == 0, err
+    assert any("batch        32 global" in line for line in out)
+    assert out[-1].startswith("test accuracy: ")  # already finished: reported again
+
+    code, out, err = cli_lines(
+        ["--workdir", str(workdir), "--epochs", "2", "--log-every", "3", "--progress"], capsys
+    )
+    assert code == 0, err
+    assert any(line.startswith("epoch 2/2") for line in out)
+    saved = json.loads((workdir / "config.json").read_text())
+    assert (saved["epochs"], saved["batch_size"], saved["lr"], saved["seed"]) == (2, 32, 0.05, 1)
+    changes = [entry["changes"] for entry in saved["history"]]
+    assert changes == [{}, {"epochs": [1, 2], "log_every": [10, 3], "progress": [False, True]}]
+
+
+def test_folder_runs_store_the_resolved_path_and_stop_when_the_folder_changed(
+    env, tmp_path, capsys, monkeypatch
+):
+    folder = tmp_path / "imgs"
+    for label in ("a", "b"):
+        (folder / label).mkdir(parents=True)
+        for i in range(10):
+            value = (40 if label == "a" else 200) + i
+            Image.new("L", (8, 8), value).save(folder / label / f"{i}.png")
+    monkeypatch.chdir(tmp_path)
+    workdir = tmp_path / "run"
+    base = ["--arch", "simple_cnn", "--epochs", "1", "--no-progress"]
+    code, _, err = cli_lines([*base, "--dataset", "folder:imgs", "--workdir", str(workdir)], capsys)
+    assert code == 0, err
+    saved = json.loads((workdir / "config.json").read_text())
+    assert saved["dataset"] == f"folder:{folder.resolve()}"
+
+    # flaxcnn.evaluate from another directory finds the data.
+    monkeypatch.chdir("/")
+    assert evaluate.evaluate_workdir(workdir)["num_examples"] == saved["data"]["num_test"]
+
+    # The folder grows: a resume says what changed and stops; with --accept-new-data it goes on.
+    for i in range(10, 15):
+        Image.new("L", (8, 8), 200 + i).save(folder / "b" / f"{i}.png")
+    before = snapshot(workdir)
+    code, _, err = cli_lines(["--workdir", str(workdir), "--epochs", "2"], capsys)
+    assert code == 2 and [line for line in err if "error" in line] == err[-1:], err
+    assert "changed since the run" in err[-1] and "num_train" in err[-1]
+    assert "--accept-new-data" in err[-1]
+    assert snapshot(workdir) == before
+    code, _, err = cli_lines(
+        ["--workdir", str(workdir), "--epochs", "2", "--accept-new-data"], capsys
+    )
+    assert code == 0, err
+    history = json.loads((workdir / "config.json").read_text())["history"]
+    assert "data" in history[-1]["changes"]
+
+
+def test_one_run_per_workdir(lenet_run, env, tmp_path):
+    run = RunDir(lenet_run)
+    with run.locked():
+        with pytest.raises(UsageError, match=f"in use by process {os.getpid()}"), run.locked():
+            pass
+        # A second training process is refused, naming this one; nothing is written.
+        before = snapshot(lenet_run)
+        result = subprocess.run(
+            [sys.executable, "-m", "flaxcnn.train", "--workdir", str(lenet_run), "--epochs", "2"],
+            capture_output=True, text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"},
+            timeout=300,
+        )  # fmt: skip
+        assert result.returncode == 2, result.stderr[-2000:]
+        assert f"in use by process {os.getpid()}" in result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1
+        assert snapshot(lenet_run) == before
+        # Readers do not need the lock.
+        assert plot.read_run(lenet_run)[1]
+
+    # A holder killed with -9 leaves no stale lock.
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\n"
+         "from flaxcnn.training.rundir import RunDir\n"
+         f"with RunDir({str(lenet_run)!r}).locked():\n"
+         "    print('locked', flush=True); time.sleep(600)"],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert holder.stdout.readline().strip() == "locked"
+    with pytest.raises(UsageError, match=f"process {holder.pid}"), run.locked():
+        pass
+    holder.send_signal(signal.SIGKILL)
+    holder.wait(timeout=60)
+    with run.locked():
+        pass
+
+
+def two_epoch_run(digits_data_dir, workdir: Path) -> TrainConfig:
+    cfg = TrainConfig(
+        arch="lenet5", epochs=2, seed=0, progress=False, data_dir=str(digits_data_dir),
+        workdir=str(workdir),
+    )  # fmt: skip
+    train(cfg, out=quiet)
+    return cfg
+
+
+@pytest.mark.parametrize("damage", ["flipped bytes", "truncated"])
+def test_a_damaged_checkpoint_is_set_aside_and_the_newest_intact_one_used(
+    damage, digits_data_dir, tmp_path
+):
+    workdir = tmp_path / "run"
+    cfg = two_epoch_run(digits_data_dir, workdir)
+    steps = RunDir(workdir).checkpoint_steps()
+    assert steps == [11, 22]
+    latest = workdir / "checkpoints" / "22"
+    assert (latest / CHECKSUMS).is_file()
+    biggest = max((p for p in latest.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    data = bytearray(biggest.read_bytes())
+    if damage == "flipped bytes":
+        data[len(data) // 2] ^= 0xFF
+        biggest.write_bytes(bytes(data))
+    else:
+        biggest.write_bytes(bytes(data[: len(data) // 2]))
+
+    lines: list[str] = []
+    train(TrainConfig(**{**cfg.__dict__, "epochs": 3}), out=lines.append)
+    note = next(line for line in lines if "is damaged" in line)
+    assert note.startswith("checkpoint 22 is damaged (") and biggest.name in note
+    assert "resuming     from step 11" in "\n".join(lines)
+    kept = list((workdir / "checkpoints-damaged").iterdir())
+    assert len(kept) == 1 and kept[0].name.startswith("22-")  # kept aside, not deleted
+    assert RunDir(workdir).checkpoint_steps()[-1] == 33
+
+
+def test_metrics_file_damage_is_survived_and_reported(digits_data_dir, tmp_path):
+    workdir = tmp_path / "run"
+    cfg = two_epoch_run(digits_data_dir, workdir)
+    metrics = workdir / "metrics.jsonl"
+    intact = metrics.read_text()
+
+    # A torn last line (a kill or a full disk mid-write): dropped on resume.
+    metrics.write_text(intact + '{"split": "train", "epo')
+    lines: list[str] = []
+    train(TrainConfig(**{**cfg.__dict__, "epochs": 3}), out=lines.append)
+    assert any("dropped a half-written last line" in line for line in lines)
+    records = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [1, 1, 2, 2, 3, 3]
+
+    # A shortened file: the lost epochs are named. A missing one: said so.
+    metrics.write_text("\n".join(metrics.read_text().splitlines()[2:]) + "\n")
+    lines.clear()
+    train(TrainConfig(**{**cfg.__dict__, "epochs": 4}), out=lines.append)
+    assert any("no records of epoch(s) 1 " in line for line in lines), lines
+    metrics.unlink()
+    lines.clear()
+    train(TrainConfig(**{**cfg.__dict__, "epochs": 5}), out=lines.append)
+    assert any("metrics.jsonl is missing" in line for line in lines), lines
+
+
+def test_a_failed_write_ends_in_one_line_and_leaves_the_previous_checkpoint_usable(
+    digits_data_dir, tmp_path, monkeypatch
+):
+    import orbax.checkpoint as ocp
+
+    real_save = ocp.CheckpointManager.save
+    calls = []
+
+    def disk_full(self, step, *args, **kwargs):  # orbax's own write fails at the 2nd save
+        calls.append(step)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        return real_save(self, step, *args, **kwargs)
+
+    monkeypatch.setattr(ocp.CheckpointManager, "save", disk_full)
+    workdir = tmp_path / "run"
+    cfg = TrainConfig(
+        arch="lenet5", epochs=2, progress=False, data_dir=str(digits_data_dir),
+        workdir=str(workdir),
+    )  # fmt: skip
+    with pytest.raises(TrainingError) as error:
+        train(cfg, out=quiet)
+    message = str(error.value)
+    assert "\n" not in message and "No space left on device" in message and "step 22" in message
+    monkeypatch.setattr(ocp.CheckpointManager, "save", real_save)
+    lines: list[str] = []
+    train(cfg, out=lines.append)  # resumes from the intact checkpoint at step 11
+    assert "resuming     from step 11" in "\n".join(lines)
+
+    # The metrics file cannot be written: one line too.
+    from flaxcnn.training import metrics
+
+    def unwritable(self, record):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(metrics.MetricsWriter, "write", unwritable)
+    with pytest.raises(TrainingError, match=r"cannot write .*metrics.jsonl \(Permission denied"):
+        train(TrainConfig(**{**cfg.__dict__, "epochs": 3}), out=quiet)
+
+
+BAD_INPUTS = [
+    (["--arch", "resnet18", "--image-size", "100000"], "needs about", "--image-size"),
+    (["--arch", "lenet5", "--seed", "-1"], "--seed must be an integer from 0 to 2**32 - 1", ""),
+    (["--arch", "lenet5", "--seed", str(2**32)], "--seed must be an integer", ""),
+]
+
+
+@pytest.mark.parametrize("argv, message, hint", BAD_INPUTS)
+def test_inputs_that_used_to_hang_or_crash(argv, message, hint, env, tmp_path, capsys):
+    start = time.monotonic()
+    code, _, err = cli_lines([*argv, "--workdir", str(tmp_path / "w")], capsys)
+    assert code == 2 and len(err) == 1 and message in err[0] and hint in err[0], err
+    assert not (tmp_path / "w").exists()
+    assert time.monotonic() - start < 120  # refused, not hanging
+
+
+def test_plot_refuses_a_metrics_line_that_is_not_an_object(lenet_run, tmp_path, capsys):
+    import shutil
+
+    workdir = tmp_path / "copy"
+    shutil.copytree(lenet_run, workdir)
+    lines = (workdir / "metrics.jsonl").read_text().splitlines()
+    (workdir / "metrics.jsonl").write_text("\n".join([lines[0], "[1, 2]", *lines[1:]]) + "\n")
+    with pytest.raises(SystemExit) as exit_:
+        plot.main([str(workdir)])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "line 2 is not a JSON object" in err[0], err

@@ -1,0 +1,91 @@
+"""A user's small folder of images: a batch that gives every epoch real steps, corrupt files
+skipped from the command line, and no top-5 accuracy where it cannot mean anything."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from flaxcnn import evaluate
+from flaxcnn.training import TrainConfig, UsageError, train
+from flaxcnn.training.resolve import default_batch_size
+
+
+@pytest.mark.parametrize(
+    "num_train, devices, expected",
+    [
+        (50_000, 1, 128),  # CIFAR: the usual 128
+        (1437, 1, 128),  # the digits: 11 steps an epoch already
+        (1437, 8, 128),
+        (600, 1, 32),  # 18 steps, where 64 would give 9
+        (144, 1, 8),  # 180 images, 20% held out: 18 steps
+        (144, 3, 6),  # a multiple of the device count
+        (20, 4, 8),  # never below 8 (2 steps): fewer would be all noise
+    ],
+)
+def test_default_batch_size_gives_an_epoch_real_steps(num_train, devices, expected):
+    assert default_batch_size(num_train, devices) == expected
+
+
+def digit_folder(root: Path, classes=(0, 1, 7), per_class=60) -> Path:
+    """Real images: the scikit-learn digits of three classes, as 32x32 PNGs, one folder each."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    for label in classes:
+        (root / str(label)).mkdir(parents=True)
+        images = digits.images[digits.target == label][:per_class]
+        for i, image in enumerate(images):
+            pixels = (image * 255 / 16).astype(np.uint8)
+            Image.fromarray(pixels).resize((32, 32), Image.BILINEAR).save(
+                root / str(label) / f"{i}.png"
+            )
+    return root
+
+
+def test_a_small_folder_trains_well_with_the_defaults(digits_data_dir, tmp_path):
+    folder = digit_folder(tmp_path / "imgs")
+    lines: list[str] = []
+    cfg = TrainConfig(
+        arch="simple_cnn", dataset=f"folder:{folder}", data_dir=str(digits_data_dir),
+        workdir=str(tmp_path / "run"), progress=False,
+    )  # fmt: skip
+    test = train(cfg, out=lines.append)
+    batch_line = next(line for line in lines if line.startswith("  batch"))
+    assert "8 global" in batch_line and "chosen for 144 training images" in batch_line, batch_line
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert saved["batch_size"] == 8 and saved["batch_size_chosen"] is True
+    assert test["accuracy"] >= 0.95, test
+
+    # Three classes: top-5 would always be 1, so it is reported nowhere.
+    assert "top5_accuracy" not in test
+    result = evaluate.evaluate_workdir(tmp_path / "run")
+    assert result["top5"] is None
+    assert not any("top-5" in line for line in evaluate.report(result))
+
+    # A batch the user asks for that the data cannot fill stays an error.
+    too_big = TrainConfig(**{**cfg.__dict__, "batch_size": 256, "workdir": str(tmp_path / "x")})
+    with pytest.raises(UsageError, match="larger than the training split"):
+        train(too_big, out=lines.append)
+
+
+def test_skip_corrupt_from_the_command_line(digits_data_dir, tmp_path, capsys, monkeypatch):
+    from flaxcnn import train as cli
+
+    monkeypatch.setenv("TFDS_DATA_DIR", str(digits_data_dir))
+    folder = digit_folder(tmp_path / "imgs", per_class=12)
+    (folder / "1" / "broken.png").write_bytes(b"not a png at all")
+    argv = ["--arch", "lenet5", "--dataset", f"folder:{folder}", "--epochs", "1", "--no-progress"]
+    with pytest.raises(SystemExit) as exit_:
+        cli.main([*argv, "--workdir", str(tmp_path / "a")])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "broken.png" in err[0] and "--skip-corrupt" in err[0], err
+
+    cli.main([*argv, "--workdir", str(tmp_path / "b"), "--skip-corrupt"])
+    assert capsys.readouterr().out.strip().splitlines()[-1].startswith("test accuracy: ")
+    assert json.loads((tmp_path / "b" / "config.json").read_text())["skip_corrupt"] is True
