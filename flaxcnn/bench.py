@@ -222,28 +222,10 @@ def run(p: Plan) -> dict[str, Any]:
     }
 
 
-def benchmark(
-    arch: str,
-    *,
-    image_size: int | None = None,
-    batch_size: int = 128,
-    steps: int = 10,
-    dtype: str = "float32",
-    parallel: str = "pmap",
-    num_classes: int = 10,
-) -> dict[str, Any]:
-    """Benchmark one architecture; bad arguments raise `cli.UsageError` (a ValueError)."""
-    return run(
-        plan(
-            arch,
-            image_size=image_size,
-            batch_size=batch_size,
-            steps=steps,
-            dtype=dtype,
-            parallel=parallel,
-            num_classes=num_classes,
-        )
-    )
+def benchmark(arch: str, **settings: Any) -> dict[str, Any]:
+    """Benchmark one architecture with the settings of `plan` (image_size, batch_size,
+    steps, dtype, parallel, num_classes); bad arguments raise `cli.UsageError`."""
+    return run(plan(arch, **settings))
 
 
 COLUMNS = [  # header, width, format of a result

@@ -9,18 +9,18 @@ import pytest
 from flaxcnn import models
 from flaxcnn.models import summary
 from flaxcnn.training import optim, parallel, steps
+from flaxcnn.training.build import Network, create_train_state
 from flaxcnn.training.state import create_state
 
 
 def make_state(arch="netresdeep", size=8, lr=0.1, **options):
-    """A train state; by default a small BatchNorm network that compiles in seconds."""
+    """A train state from the trainer's builder; by default a small BatchNorm network that
+    compiles in seconds."""
     if arch == "netresdeep":
         options = {"n_chans": 8, "n_blocks": 2, **options}
-    model = models.create(arch, num_classes=10, axis_name=steps.AXIS, **options)
-    plain = models.create(arch, num_classes=10, **options)
+    network = Network(arch, num_classes=10, image_size=size, in_channels=3, options=options)
     tx = optim.make_optimizer("sgd", optax.constant_schedule(lr), weight_decay=5e-4)
-    state = create_state(plain, tx, (1, size, size, 3), seed=0)
-    return state.replace(apply_fn=model.apply)
+    return create_train_state(network, tx, seed=0)
 
 
 def batch(n=16, size=8, seed=0):
