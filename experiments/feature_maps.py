@@ -33,7 +33,6 @@ import dataclasses
 import math
 import re
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 import harness
@@ -112,8 +111,9 @@ def train_and_restore(
     run: harness.Run, arch: str, dataset: str, image_size: int, epochs: int, batch_size: int = 128
 ) -> tuple[Any, dict, dict]:
     """Train `arch` with the library's trainer; (model, variables, final test metrics)."""
-    from flaxcnn.evaluate import build_model, restore
+    from flaxcnn.evaluate import build_model
     from flaxcnn.training import TrainConfig, train
+    from flaxcnn.training.rundir import RunDir
 
     workdir = run.train_workdir(f"{arch}-{dataset}-{image_size}")
     config = TrainConfig(
@@ -127,7 +127,7 @@ def train_and_restore(
         progress=False,
     )
     metrics = train(config, out=lambda line: print(f"  [{arch}] {line}"))
-    _, meta, variables = restore(Path(workdir) / "checkpoints", None)
+    _, meta, variables = RunDir(workdir).restore_variables()
     return build_model(meta), variables, metrics
 
 

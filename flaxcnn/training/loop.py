@@ -62,6 +62,10 @@ def train(
     """
     distributed.initialize(config)
     config, previous, changes = resume_settings(config, explicit)
+    source = None  # a bad --init-from is refused before the data are even read
+    resumable = config.resume is not False and bool(config.workdir)
+    if config.init_from and not (resumable and RunDir(config.workdir).has_checkpoint()):
+        source = warm_start.locate(config.init_from, config.arch)
     setup = prepare(config)
     run = RunDir(setup.workdir)
     resuming = run.check_start(config.arch, config.resume)
@@ -75,15 +79,16 @@ def train(
             )
         if changed:
             changes["data"] = changed
-    source = None
-    if config.init_from and not resuming:
-        source = warm_start.check_source(config.init_from, setup.network)
+    if resuming:
+        source = None  # the run's own checkpoint is where it continues
+    elif source is not None:
+        warm_start.check_options(config.init_from, source[1], setup.network)
 
     tx, schedule = setup.optimizer.build()
     state = create_train_state(setup.network, tx, config.seed)
     replaced: list[str] = []
     if source is not None:
-        state, replaced = warm_start.load(source, state)
+        state, replaced = warm_start.load(source[0], state)
     run.create()
     history = (previous, changes) if resuming else None
     primary = jax.process_index() == 0

@@ -1,8 +1,8 @@
 """`--init-from`: start a run from another run's weights (fine-tuning, longer schedules).
 
-`check_source` answers quickly, before anything is compiled: the source must hold a
-checkpoint of the same architecture with the same model options, except those that only
-change training or initialisation (dropout rates, auxiliary heads, the small-input stem,
+`locate` and `check_options` answer quickly, before anything is built: the source must
+hold a checkpoint of the same architecture with the same model options, except those that
+only change training or initialisation (dropout rates, auxiliary heads, the small-input stem,
 zero-initialised residuals). `load` then copies every parameter and BatchNorm statistic
 whose name and shape match; the others (the classifier, when the class count differs; a
 stem of another size) keep their fresh initialisation and are named.
@@ -30,9 +30,10 @@ FREE_OPTIONS = frozenset(
 )
 
 
-def check_source(path: str, network: Network) -> Path:
-    """The checkpoint directory of `path` (a workdir or its checkpoints/); UsageError when it
-    has no checkpoint, or one of another architecture or other model options."""
+def locate(path: str, arch: str | None) -> tuple[Path, dict]:
+    """(the checkpoint directory of `path`, a workdir or its checkpoints/; the metadata of its
+    latest checkpoint). UsageError when it has none, or one of another architecture. Reads
+    only the file system: answered before anything is built."""
     source = Path(path)
     directory = source / CHECKPOINTS if (source / CHECKPOINTS).is_dir() else source
     if not directory.is_dir():
@@ -41,10 +42,14 @@ def check_source(path: str, network: Network) -> Path:
     if not steps:
         raise UsageError(f"--init-from {path}: no checkpoint found there")
     meta = read_meta_file(directory, steps[-1])
-    if meta.get("arch") != network.arch:
-        raise UsageError(
-            f"--init-from {path} holds a {meta.get('arch')} checkpoint, not {network.arch}"
-        )
+    if arch is not None and meta.get("arch") != arch:
+        raise UsageError(f"--init-from {path} holds a {meta.get('arch')} checkpoint, not {arch}")
+    return directory, meta
+
+
+def check_options(path: str, meta: dict, network: Network) -> None:
+    """UsageError when the source was trained with other model options than `network` has,
+    except those that do not change what the copied weights mean (FREE_OPTIONS)."""
     defaults = models.options(network.arch)
     stored = meta.get("model_options") or {}
     for key in sorted((set(stored) | set(network.options)) - FREE_OPTIONS):
@@ -55,7 +60,6 @@ def check_source(path: str, network: Network) -> Path:
                 f"--init-from {path} was trained with {key}={before}, this run has {key}={now}: "
                 f"give --model-option {key}={before} to start from it"
             )
-    return directory
 
 
 def _normalise(value: Any) -> Any:

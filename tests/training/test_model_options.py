@@ -97,10 +97,17 @@ def test_options_are_checked_on_resume_and_on_init_from(digits_data_dir, tmp_pat
     train(first, out=quiet)
     before = sorted(p.name for p in (tmp_path / "run").rglob("*"))
 
-    again = config(digits_data_dir, tmp_path, "run", arch="lenet5", epochs=2)
-    with pytest.raises(UsageError, match="model_options"):
-        train(again, out=quiet)
+    other = config(
+        digits_data_dir, tmp_path, "run", arch="lenet5", epochs=2,
+        model_options={"activation": "relu"},
+    )  # fmt: skip
+    with pytest.raises(UsageError, match=r"activation=relu contradicts the run .* activation=tanh"):
+        train(other, out=quiet)
     assert sorted(p.name for p in (tmp_path / "run").rglob("*")) == before
+    # Resumed without options, the run keeps its own.
+    train(config(digits_data_dir, tmp_path, "run", arch="lenet5", epochs=2), out=quiet)
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert saved["model_options"] == {"activation": "tanh"} and saved["epochs"] == 2
 
     warm = config(
         digits_data_dir, tmp_path, "warm", arch="lenet5", epochs=1,

@@ -167,7 +167,7 @@ def assert_written_once(workdir: Path, lines: int, runs: int) -> None:
     assert len(text) == lines and len(set(text)) == lines, text
     assert len(list((workdir / "tensorboard").iterdir())) == runs
     assert sorted(p.name for p in workdir.iterdir()) == [
-        "checkpoints", "config.json", "metrics.jsonl", "tensorboard",
+        ".lock", "checkpoints", "config.json", "metrics.jsonl", "tensorboard",
     ]  # fmt: skip
     config = json.loads((workdir / "config.json").read_text())
     assert (config["processes"], config["devices"]) == (2, 2)

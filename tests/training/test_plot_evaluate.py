@@ -280,7 +280,7 @@ def test_library_errors_name_the_problem(run, tmp_path):
     copy = tmp_path / "copy"
     shutil.copytree(run, copy, ignore=shutil.ignore_patterns("checkpoints"))
     with open(copy / "metrics.jsonl", "a") as f:
-        f.write('{"split": "test", "epo\n')
-    with pytest.raises(cli.UsageError, match="cannot read"):
+        f.write('{"split": "test", "epo\n')  # a whole line, not a torn one: refused
+    with pytest.raises(cli.UsageError, match="line 5 is not a JSON object"):
         plot.plot_runs([copy], tmp_path / "x.png")
     assert not (tmp_path / "x.png").exists()
