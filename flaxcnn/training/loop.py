@@ -84,19 +84,19 @@ def train(
     elif source is not None:
         warm_start.check_options(config.init_from, source[1], setup.network)
 
-    tx, schedule = setup.optimizer.build()
-    state = create_train_state(setup.network, tx, config.seed)
-    replaced: list[str] = []
-    if source is not None:
-        state, replaced = warm_start.load(source[0], state)
     run.create()
-    history = (previous, changes) if resuming else None
     primary = jax.process_index() == 0
-    lock = run.locked() if primary else contextlib.nullcontext()  # one run per workdir
-    with lock, Trainer(setup, run, state, schedule, history, out) as trainer:
-        if replaced:
-            trainer.out(f"--init-from: re-initialised {', '.join(replaced)} (shape differs)")
-        return trainer.fit()
+    with run.locked() if primary else contextlib.nullcontext():  # one run per workdir
+        tx, schedule = setup.optimizer.build()
+        state = create_train_state(setup.network, tx, config.seed)
+        replaced: list[str] = []
+        if source is not None:
+            state, replaced = warm_start.load(source[0], state)
+        history = (previous, changes) if resuming else None
+        with Trainer(setup, run, state, schedule, history, out) as trainer:
+            if replaced:
+                trainer.out(f"--init-from: re-initialised {', '.join(replaced)} (shape differs)")
+            return trainer.fit()
 
 
 def resume_settings(
