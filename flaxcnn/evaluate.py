@@ -27,7 +27,6 @@ import numpy as np
 
 from flaxcnn import cli
 from flaxcnn.plot import PathLike, check_output, new_figure, save_png
-from flaxcnn.training.rundir import RunDir
 
 DEFAULT_NAME = "confusion_matrix.png"
 DEFAULT_BATCH_SIZE = 128
@@ -43,12 +42,12 @@ def build_model(meta: dict):
         raise cli.UsageError(str(e)) from None
 
 
-def load_test_split(meta: dict, data_dir: PathLike | None):
+def load_test_split(meta: dict, data_dir: PathLike | None, skip_corrupt: bool = False):
     """The run's data set, checked to have the checkpoint's classes."""
     from flaxcnn import data
 
     try:
-        dataset = data.load(meta["dataset"], data_dir=data_dir)
+        dataset = data.load(meta["dataset"], data_dir=data_dir, skip_corrupt=skip_corrupt)
     except ValueError as e:  # DatasetNotPrepared is a ValueError too
         raise cli.UsageError(str(e)) from None
     names = [str(c) for c in dataset.info.class_names]
@@ -122,6 +121,8 @@ def evaluate_workdir(
     `confusion_matrix` (int64 [true, predicted]) and `output` (the PNG's path or None).
     Raises UsageError, having written nothing, for bad input.
     """
+    from flaxcnn.training.rundir import RunDir  # here: it loads jax
+
     run = RunDir.existing(workdir)
     run.require_checkpoint(step)  # an unknown step fails now, not after seconds of imports
     if output is not None:
@@ -135,7 +136,7 @@ def evaluate_workdir(
 
     step, meta, variables = run.restore_variables(step)
     model = build_model(meta)
-    dataset = load_test_split(meta, data_dir)
+    dataset = load_test_split(meta, data_dir, bool(config.get("skip_corrupt", False)))
     from flaxcnn import data
 
     batches = data.eval_batches(

@@ -23,7 +23,6 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from flaxcnn import cli
-from flaxcnn.training.rundir import METRICS, RunDir
 
 DEFAULT_NAME = "loss_accuracy.png"
 DPI = 100
@@ -76,6 +75,8 @@ def save_png(figure: Figure, output: PathLike) -> Path:
 
 def find_metrics(workdir: PathLike) -> Path:
     """The workdir's `metrics.jsonl`, or UsageError when there is none."""
+    from flaxcnn.training.rundir import METRICS, RunDir  # here: it loads jax
+
     run = RunDir.existing(workdir)
     if not run.metrics_path.is_file():
         raise cli.UsageError(f"{run.path} has no {METRICS} (is it a training workdir?)")
@@ -87,6 +88,8 @@ def read_run(workdir: PathLike) -> tuple[str, list[dict]]:
 
     UsageError for a missing workdir, a missing, empty or unreadable `metrics.jsonl`.
     """
+    from flaxcnn.training.rundir import RunDir
+
     run = RunDir.existing(workdir)
     records = run.read_metrics()
     if not records:
@@ -94,7 +97,7 @@ def read_run(workdir: PathLike) -> tuple[str, list[dict]]:
     return run_label(run), records
 
 
-def run_label(run: RunDir) -> str:
+def run_label(run) -> str:
     """The workdir's name, with the architecture from its `config.json` where there is one."""
     name = run.path.resolve().name
     arch = run.read_config().get("arch")

@@ -21,8 +21,10 @@ whole loop (jax, orbax, the data pipeline) on first use, so that light submodule
     console.py     what a run prints (header, epoch lines, progress bar)
     signals.py     stopping on SIGINT/SIGTERM at the same step on every process
     warm_start.py  --init-from: weights from another run
-    rundir.py      a run directory's layout and its readers
-    checkpoint.py  orbax checkpoints (state, data position, metadata)
+    resume.py      resuming from config.json: contradictions, allowed changes, history
+    memory.py      the memory a configuration needs, checked before it is built
+    rundir.py      a run directory's layout, its readers and its lock
+    checkpoint.py  orbax checkpoints (state, data position, metadata) with checksums
     metrics.py     metrics.jsonl and TensorBoard; running sums of an epoch
     distributed.py several processes/hosts (jax.distributed)
     errors.py      the exceptions train() raises

@@ -26,9 +26,10 @@ from typing import Any
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
+from flaxcnn.training.rundir import DAMAGED
+
 BEST_METRIC = "test_accuracy"
 CHECKSUMS = "checksums.json"
-DAMAGED = "checkpoints-damaged"  # beside the checkpoints directory
 
 
 class CheckpointWriteError(OSError):
@@ -124,25 +125,38 @@ class Checkpoints:
 
         `check_meta(meta)` runs on a checkpoint's metadata before its state is read: a
         checkpoint of another run raises there (and is left alone, not called damaged).
+        Nothing is moved unless an older checkpoint restores: if none does, every one stays
+        where it is and NoIntactCheckpoint lists what was wrong with each.
         """
+        damaged: list[tuple[int, str]] = []
         for step in sorted(self.manager.all_steps(), reverse=True):
             step_dir = Path(self.directory) / str(step)
             problem = damage(step_dir)
-            verified = problem is None and (step_dir / CHECKSUMS).is_file()
             if problem is None:
                 check_meta(read_meta_file(self.directory, step))
                 try:
-                    return self.restore(template, step)
+                    restored = self.restore(template, step)
                 except Exception as e:  # orbax's errors for unreadable files vary
-                    if verified:
-                        raise
-                    problem = f"orbax cannot read it: {type(e).__name__}"
-            moved = set_aside(step_dir)
-            self.manager.reload()
-            report(f"checkpoint {step} is damaged ({problem}); moved to {moved}")
-        raise NoIntactCheckpoint(
-            f"no intact checkpoint is left in {self.directory} (damaged ones are in {DAMAGED}/)"
-        )
+                    problem = f"orbax cannot read it: {type(e).__name__}: {str(e)[:120]}"
+                else:
+                    for bad, why in damaged:
+                        self._set_aside(bad, why, report)
+                    return restored
+            damaged.append((step, problem))
+        listed = "; ".join(f"{step}: {why}" for step, why in damaged)
+        raise NoIntactCheckpoint(f"no checkpoint in {self.directory} can be restored ({listed})")
+
+    def _set_aside(self, step: int, problem: str, report: Callable[[str], None]) -> None:
+        if not _is_primary():  # process 0 moves it; the others only skip it
+            report(f"checkpoint {step} is damaged ({problem}); skipped")
+            return
+        try:
+            moved = set_aside(Path(self.directory) / str(step))
+        except OSError as e:
+            report(f"checkpoint {step} is damaged ({problem}); could not move it: {e.strerror}")
+            return
+        self.manager.reload()
+        report(f"checkpoint {step} is damaged ({problem}); moved to {moved}")
 
     def close(self) -> None:
         self.manager.close()
@@ -172,7 +186,10 @@ def write_checksums(step_dir: Path) -> None:
         p.relative_to(step_dir).as_posix(): [p.stat().st_size, _sha256(p)] for p in _files(step_dir)
     }
     tmp = step_dir / f".{CHECKSUMS}.tmp"
-    tmp.write_text(json.dumps(sums, indent=1, sort_keys=True))
+    with open(tmp, "w") as f:
+        f.write(json.dumps(sums, indent=1, sort_keys=True))
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, step_dir / CHECKSUMS)
 
 
@@ -183,9 +200,12 @@ def damage(step_dir: Path) -> str | None:
     if not path.is_file():
         return None
     try:
-        expected = json.loads(path.read_text())
-    except (OSError, ValueError):
+        listed = json.loads(path.read_text()).items()
+        expected = {k: (int(size), str(sha)) for k, (size, sha) in listed}
+    except (OSError, ValueError, TypeError, AttributeError):
         return f"its {CHECKSUMS} is unreadable"
+    if not step_dir.is_dir():
+        return "it is gone"
     for relative, (size, sha) in sorted(expected.items()):
         file = step_dir / relative
         if not file.is_file():

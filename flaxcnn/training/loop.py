@@ -60,8 +60,8 @@ def train(
     `explicit` names the settings the caller gave (the CLI's flags; by default those that
     differ from TrainConfig's defaults), which must agree with it (see `resume.py`).
     """
+    config, previous, changes = resume_settings(config, explicit)  # files only, no devices
     distributed.initialize(config)
-    config, previous, changes = resume_settings(config, explicit)
     source = None  # a bad --init-from is refused before the data are even read
     resumable = config.resume is not False and bool(config.workdir)
     if config.init_from and not (resumable and RunDir(config.workdir).has_checkpoint()):
@@ -112,7 +112,11 @@ def resume_settings(
         return config, None, {}
     stored = run.read_config()
     if not stored.get("arch"):
-        return config, None, {}
+        raise UsageError(
+            f"{run.path} holds checkpoints but no readable config.json with its settings, so "
+            "a resume could not be checked against them; choose another --workdir"
+        )
+    stored = {**resume.LEGACY, **stored}  # settings older runs did not record: as they ran
     explicit = resume.explicit_fields(config) if explicit is None else set(explicit)
 
     def normalise(name: str, value):
@@ -169,10 +173,13 @@ class Trainer:
             entry = resume.history_entry(self.step, changes)
             previous["history"] = [*previous.get("history", []), entry]
         notes = []
-        if primary:  # written only now, once the resume is known to be valid
-            run.write_config(resolved_config(setup, previous))
-            notes = metrics.resume_file(run.metrics_path, self.step, setup.steps_per_epoch)
-        self.writer = metrics.MetricsWriter(run.path, enabled=primary, resume_step=self.step)
+        try:
+            if primary:  # written only now, once the resume is known to be valid
+                run.write_config(resolved_config(setup, previous))
+                notes = metrics.resume_file(run.metrics_path, self.step, setup.steps_per_epoch)
+            self.writer = metrics.MetricsWriter(run.path, enabled=primary, resume_step=self.step)
+        except OSError as e:
+            raise TrainingError(f"cannot write to {run.path}: {e.strerror or e}") from None
         self._closers.append(self.writer.close)
         for line in console.header(setup, self.step if history is not None else None):
             self.out(line)
@@ -218,7 +225,8 @@ class Trainer:
 
         def check_meta(saved: dict) -> None:
             for key in RESUME_KEYS:
-                if saved.get(key, {} if key == "model_options" else None) != meta[key]:
+                stored = saved.get(key, {} if key == "model_options" else None)
+                if not resume.same(stored, meta[key]):
                     raise UsageError(
                         f"the checkpoint in {self.ckpts.directory} has {key}={saved.get(key)}, "
                         f"this run {meta[key]}; choose another --workdir"

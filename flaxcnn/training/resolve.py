@@ -191,7 +191,6 @@ def resolved_config(setup: Setup, previous: dict[str, Any] | None = None) -> dic
         batch_size=setup.batch_size,
         lr=c.lr if c.lr is not None else optim.DEFAULT_LR[c.optimizer],
         weight_decay=setup.optimizer.weight_decay,
-        checkpoint_every=setup.checkpoint_every,
         model_options=setup.network.options,
         resume=None,  # each start decides these anew
         accept_new_data=False,
@@ -202,6 +201,7 @@ def resolved_config(setup: Setup, previous: dict[str, Any] | None = None) -> dic
         "batch_size_chosen": previous.get("batch_size_chosen", setup.batch_size_chosen),
         "peak_lr": setup.optimizer.peak_lr,
         "steps_per_epoch": setup.steps_per_epoch,
+        "checkpoint_every_steps": setup.checkpoint_every,
         "total_steps": setup.total_steps,
         "data": resume.data_signature(setup.dataset.info),
         "devices": jax.device_count(),

@@ -37,6 +37,8 @@ MAY_CHANGE = frozenset(
         "process_id",
     }
 )
+# Settings that runs before this version did not record, with the value they ran with.
+LEGACY = {"precise_bn": 0, "skip_corrupt": False}
 # What the stored run's data looked like: a changed folder shows in its counts or statistics.
 DATA_KEYS = ("name", "num_classes", "class_names", "num_train", "num_test", "mean", "std")
 
@@ -85,6 +87,9 @@ def reconcile(
                 if not _same(value, stored_options.get(key)):
                     raise contradiction(name, f"{key}={value}", f"{key}={stored_options.get(key)}")
             continue
+        if name == "dropout" and before is None:  # the run used its model's own rate
+            options = {**defaults_of(stored["arch"]), **(stored.get("model_options") or {})}
+            before = options.get("dropout_rate")
         if _same(given, before):
             continue
         if name not in MAY_CHANGE:
@@ -136,6 +141,11 @@ def data_changes(stored: dict[str, Any] | None, info: Any) -> list[str]:
         for k in DATA_KEYS
         if k in stored and not _same(stored[k], now[k])
     ]
+
+
+def same(a: Any, b: Any) -> bool:
+    """Equal as settings: lists (from JSON) and tuples alike, ints and floats alike."""
+    return _same(a, b)
 
 
 def _same(a: Any, b: Any) -> bool:

@@ -18,6 +18,7 @@ import contextlib
 import fcntl
 import json
 import os
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -169,6 +170,15 @@ class RunDir:
             )
         if resume and not has_checkpoint:
             raise UsageError(f"--resume: {self.path} has no checkpoint to resume from")
+        if not has_checkpoint and any((self.path / DAMAGED).glob("*")):
+            raise UsageError(
+                f"{self.path} holds only damaged checkpoints (in {DAMAGED}/): a fresh start "
+                "would overwrite its history; choose another --workdir"
+            )
+        if self.config_path.exists() and not self.read_config().get("arch"):
+            raise UsageError(
+                f"{self.config_path} is not a flaxcnn run's config.json; choose another --workdir"
+            )
         previous = self.read_config().get("arch")
         if previous not in (None, arch):
             raise UsageError(
@@ -180,9 +190,9 @@ class RunDir:
         """Make the directory and prove it writable (UsageError otherwise)."""
         try:
             self.path.mkdir(parents=True, exist_ok=True)
-            probe = self.path / f".write-test-{os.getpid()}"
+            probe = self.path / f".write-test-{socket.gethostname()}-{os.getpid()}"
             probe.write_text("")
-            probe.unlink()
+            probe.unlink(missing_ok=True)
         except OSError as e:
             raise UsageError(f"cannot write to --workdir {self.path}: {e.strerror}") from None
 

@@ -325,3 +325,60 @@ def test_plot_refuses_a_metrics_line_that_is_not_an_object(lenet_run, tmp_path, 
     assert exit_.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "line 2 is not a JSON object" in err[0], err
+
+
+def test_reconcile_compares_settings_as_the_run_used_them():
+    from flaxcnn.training import resume
+
+    stored = {
+        **TrainConfig(arch="netresdeep").to_json(),
+        "batch_size": 32, "lr": 0.1, "model_options": {"n_chans": 8}, "workdir": "W",
+    }  # fmt: skip
+    same = TrainConfig(arch="netresdeep", dropout=0.0, lr=0.1, batch_size=32)
+    merged, changes = resume.reconcile(stored, same, {"arch", "dropout", "lr", "batch_size"})
+    assert changes == {} and merged.batch_size == 32  # the model's own dropout rate is 0.0
+    with pytest.raises(UsageError, match=r"--dropout 0.3 contradicts the run in W, which has 0"):
+        resume.reconcile(stored, TrainConfig(arch="netresdeep", dropout=0.3), {"dropout"})
+    listed = {**stored, "arch": "simple_cnn", "model_options": {"features": [8, 16]}}
+    given = TrainConfig(arch="simple_cnn", model_options={"features": (8, 16)})
+    assert resume.reconcile(listed, given, {"model_options"})[1] == {}
+
+
+def test_list_valued_options_resume(digits_data_dir, tmp_path):
+    """JSON gives lists back where the options hold tuples: still the same run."""
+    cfg = TrainConfig(
+        arch="simple_cnn", model_options={"features": "8,16"}, epochs=1, progress=False,
+        data_dir=str(digits_data_dir), workdir=str(tmp_path / "run"),
+    )  # fmt: skip
+    train(cfg, out=quiet)
+    lines: list[str] = []
+    train(TrainConfig(workdir=str(tmp_path / "run"), epochs=2), out=lines.append)
+    assert "resuming     from step 11" in "\n".join(lines)
+
+
+def test_no_resume_without_the_runs_settings_and_older_runs_keep_theirs(lenet_run, tmp_path):
+    import shutil
+
+    workdir = tmp_path / "copy"
+    shutil.copytree(lenet_run, workdir)
+    stored = json.loads((workdir / "config.json").read_text())
+    del stored["precise_bn"]  # as a run of an older version recorded it
+    (workdir / "config.json").write_text(json.dumps(stored))
+    train(TrainConfig(workdir=str(workdir), epochs=2), out=quiet)
+    assert json.loads((workdir / "config.json").read_text())["precise_bn"] == 0
+
+    (workdir / "config.json").unlink()
+    with pytest.raises(UsageError, match=r"no readable config\.json"):
+        train(TrainConfig(arch="lenet5", workdir=str(workdir), epochs=3), out=quiet)
+
+
+def test_nothing_is_moved_when_no_checkpoint_restores(digits_data_dir, tmp_path):
+    workdir = tmp_path / "run"
+    cfg = two_epoch_run(digits_data_dir, workdir)
+    for step in (11, 22):
+        sums = workdir / "checkpoints" / str(step) / CHECKSUMS
+        sums.write_text(sums.read_text().replace('"', "'"))  # unreadable: damaged
+    with pytest.raises(TrainingError, match=r"no checkpoint .* can be restored .*11: its"):
+        train(TrainConfig(**{**cfg.__dict__, "epochs": 3}), out=quiet)
+    assert RunDir(workdir).checkpoint_steps() == [11, 22]
+    assert not (workdir / "checkpoints-damaged").exists()
