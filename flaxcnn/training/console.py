@@ -12,7 +12,7 @@ from typing import Any
 
 import jax
 
-from flaxcnn.training.resolve import Setup
+from flaxcnn.training.resolve import DEFAULT_BATCH_SIZE, Setup
 
 
 def header(setup: Setup, resumed_from: int | None) -> list[str]:
@@ -22,7 +22,7 @@ def header(setup: Setup, resumed_from: int | None) -> list[str]:
     stem = ", small-input stem" if net.options.get("small_stem") else ""
     chosen = (
         f" (chosen for {info.num_train} training images; --batch-size to change)"
-        if setup.batch_size_chosen and setup.batch_size != 128
+        if setup.batch_size_chosen and setup.batch_size != DEFAULT_BATCH_SIZE
         else ""
     )
     options = {k: v for k, v in net.options.items() if k != "small_stem"}

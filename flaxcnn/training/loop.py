@@ -63,8 +63,7 @@ def train(
     config, previous, changes = resume_settings(config, explicit)  # files only, no devices
     distributed.initialize(config)
     source = None  # a bad --init-from is refused before the data are even read
-    resumable = config.resume is not False and bool(config.workdir)
-    if config.init_from and not (resumable and RunDir(config.workdir).has_checkpoint()):
+    if config.init_from and previous is None:  # not resuming: the source is where it starts
         source = warm_start.locate(config.init_from, config.arch)
     setup = prepare(config)
     run = RunDir(setup.workdir)

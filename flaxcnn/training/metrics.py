@@ -56,15 +56,19 @@ def read(path: str | os.PathLike) -> list[dict]:
     return _parse(path)[0]
 
 
-def _parse(path: str | os.PathLike, strict: bool = True) -> tuple[list[dict], list[int]]:
-    """(records, numbers of the lines left out): a torn last line always, any other line
-    that is not a JSON object only when not `strict` (else ValueError)."""
+def _parse(
+    path: str | os.PathLike, strict: bool = True
+) -> tuple[list[dict], list[int], int | None]:
+    """(records, numbers of the other lines left out, the number of a torn last line or None).
+
+    A torn last line is always left out; any other line that is not a JSON object only when
+    not `strict` (else ValueError)."""
     path = Path(path)
     if path.is_dir():
         path = path / "metrics.jsonl"
     text = path.read_text()
     lines = text.split("\n")
-    records, dropped = [], []
+    records, dropped, torn = [], [], None
     for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
@@ -73,13 +77,15 @@ def _parse(path: str | os.PathLike, strict: bool = True) -> tuple[list[dict], li
         except ValueError:
             record = None
         if not isinstance(record, dict):
-            torn = number == len(lines) and not text.endswith("\n")  # cut off mid-write
-            if not (torn or not strict):
+            if number == len(lines) and not text.endswith("\n"):  # cut off mid-write
+                torn = number
+                continue
+            if strict:
                 raise ValueError(f"{path} line {number} is not a JSON object: {line[:60]!r}")
             dropped.append(number)
             continue
         records.append(record)
-    return records, dropped
+    return records, dropped, torn
 
 
 def resume_file(path: Path, step: int, steps_per_epoch: int) -> list[str]:
@@ -96,13 +102,12 @@ def resume_file(path: Path, step: int, steps_per_epoch: int) -> list[str]:
                 f"{path} is missing: the records up to step {step} are lost; new ones follow"
             )
         return notes
-    records, dropped = _parse(path, strict=False)
-    torn = [n for n in dropped if n == len(path.read_text().split("\n"))]
-    if torn:
-        notes.append(f"{path}: dropped a half-written last line (line {torn[0]})")
-    if len(dropped) > len(torn):
-        others = ", ".join(str(n) for n in dropped if n not in torn)
-        notes.append(f"{path}: dropped line(s) {others}, which are not JSON objects")
+    records, dropped, torn = _parse(path, strict=False)
+    if torn is not None:
+        notes.append(f"{path}: dropped a half-written last line (line {torn})")
+    if dropped:
+        listed = ", ".join(map(str, dropped))
+        notes.append(f"{path}: dropped line(s) {listed}, which are not JSON objects")
     kept = [r for r in records if r.get("step", 0) <= step] if step else []
     finished = step // steps_per_epoch
     logged = {r.get("epoch") for r in kept if r.get("split") == "train"}

@@ -84,13 +84,13 @@ def reconcile(
         if name == "model_options":  # each option given must be the stored one (or default)
             stored_options = {**defaults_of(stored["arch"]), **(before or {})}
             for key, value in (given or {}).items():
-                if not _same(value, stored_options.get(key)):
+                if not same(value, stored_options.get(key)):
                     raise contradiction(name, f"{key}={value}", f"{key}={stored_options.get(key)}")
             continue
         if name == "dropout" and before is None:  # the run used its model's own rate
             options = {**defaults_of(stored["arch"]), **(stored.get("model_options") or {})}
             before = options.get("dropout_rate")
-        if _same(given, before):
+        if same(given, before):
             continue
         if name not in MAY_CHANGE:
             raise contradiction(name, _show(given), _show(before))
@@ -139,20 +139,16 @@ def data_changes(stored: dict[str, Any] | None, info: Any) -> list[str]:
     return [
         f"{k} {_show(stored.get(k))} -> {_show(now[k])}"
         for k in DATA_KEYS
-        if k in stored and not _same(stored[k], now[k])
+        if k in stored and not same(stored[k], now[k])
     ]
 
 
 def same(a: Any, b: Any) -> bool:
     """Equal as settings: lists (from JSON) and tuples alike, ints and floats alike."""
-    return _same(a, b)
-
-
-def _same(a: Any, b: Any) -> bool:
     if isinstance(a, tuple | list) and isinstance(b, tuple | list):
-        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
+        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b, strict=True))
     if isinstance(a, dict) and isinstance(b, dict):
-        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+        return a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
     if isinstance(a, float) or isinstance(b, float):
         try:
             return float(a) == float(b)

@@ -101,10 +101,7 @@ class RunDir:
 
     def checkpoint_steps(self) -> list[int]:
         """The steps of the committed checkpoints, from the file system alone (no orbax)."""
-        directory = self.checkpoints_path
-        if not directory.is_dir():
-            return []
-        return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit() and p.is_dir())
+        return checkpoint_steps(self.checkpoints_path)
 
     def has_checkpoint(self) -> bool:
         return bool(self.checkpoint_steps())
@@ -175,11 +172,11 @@ class RunDir:
                 f"{self.path} holds only damaged checkpoints (in {DAMAGED}/): a fresh start "
                 "would overwrite its history; choose another --workdir"
             )
-        if self.config_path.exists() and not self.read_config().get("arch"):
+        previous = self.read_config().get("arch")
+        if self.config_path.exists() and not previous:
             raise UsageError(
                 f"{self.config_path} is not a flaxcnn run's config.json; choose another --workdir"
             )
-        previous = self.read_config().get("arch")
         if previous not in (None, arch):
             raise UsageError(
                 f"{self.path} holds a {previous} run, not {arch}; choose another --workdir"
@@ -222,6 +219,13 @@ class RunDir:
             handle.write(f"process {os.getpid()} ({_command_line()})\n")
             handle.flush()
             yield
+
+
+def checkpoint_steps(directory: Path) -> list[int]:
+    """The step-numbered subdirectories of a checkpoint directory (none if it is missing)."""
+    if not directory.is_dir():
+        return []
+    return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit() and p.is_dir())
 
 
 class absl_errors_only:

@@ -21,7 +21,7 @@ from flaxcnn import models
 from flaxcnn.cli import UsageError
 from flaxcnn.training.build import Network
 from flaxcnn.training.checkpoint import Checkpoints, damage, read_meta_file
-from flaxcnn.training.rundir import CHECKPOINTS
+from flaxcnn.training.rundir import CHECKPOINTS, checkpoint_steps
 from flaxcnn.training.state import TrainState
 
 # Options a warm start may change: they do not change what the copied weights mean.
@@ -38,7 +38,7 @@ def locate(path: str, arch: str | None) -> tuple[Path, dict]:
     directory = source / CHECKPOINTS if (source / CHECKPOINTS).is_dir() else source
     if not directory.is_dir():
         raise UsageError(f"--init-from {path}: no such directory")
-    steps = sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit() and p.is_dir())
+    steps = checkpoint_steps(directory)
     if not steps:
         raise UsageError(f"--init-from {path}: no checkpoint found there")
     meta = read_meta_file(directory, steps[-1])
