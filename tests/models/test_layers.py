@@ -72,3 +72,40 @@ def test_conv_bn_has_bias_only_without_norm():
 def test_check_min_size_message():
     with pytest.raises(ValueError, match="at least 32x32 pixels, got 16x40"):
         layers.check_min_size(jnp.zeros((1, 16, 40, 3)), 32, "vgg")
+
+
+# (input NHWC, kernel HWIO, strides, padding, the matrix-product path taken on CPU)
+CONV_CASES = [
+    ((4, 8, 8, 16), (1, 1, 16, 32), (1, 1), ((0, 0), (0, 0)), "pointwise"),
+    ((4, 9, 9, 16), (1, 1, 16, 32), (2, 2), ((0, 0), (0, 0)), "pointwise"),
+    ((3, 8, 6, 8), (1, 1, 8, 4), (2, 1), ((0, 0), (0, 0)), "pointwise"),
+    ((4, 2, 2, 16), (3, 3, 16, 8), (1, 1), ((1, 1), (1, 1)), "taps"),
+    ((4, 2, 2, 16), (3, 3, 16, 8), (2, 2), ((1, 1), (1, 1)), "taps"),
+    ((4, 1, 1, 16), (3, 3, 16, 8), (1, 1), ((1, 1), (1, 1)), "taps"),
+    ((4, 8, 8, 16), (3, 3, 16, 8), (1, 1), ((1, 1), (1, 1)), None),
+    ((4, 8, 8, 16), (1, 1, 16, 8), (1, 1), ((1, 1), (1, 1)), None),  # padded 1x1
+]
+
+
+@pytest.mark.parametrize("lhs_shape, rhs_shape, strides, padding, path", CONV_CASES)
+def test_conv_matrix_product_paths_equal_lax_conv(lhs_shape, rhs_shape, strides, padding, path):
+    """Values and gradients (input and kernel) of the CPU paths equal XLA's convolution."""
+    dn = ("NHWC", "HWIO", "NHWC")
+    x = jax.random.normal(jax.random.key(0), lhs_shape)
+    w = 0.2 * jax.random.normal(jax.random.key(1), rhs_shape)
+    numbers = jax.lax.conv_dimension_numbers(x.shape, w.shape, dn)
+    assert layers._matmul_path(x, w, padding, None, None, numbers, 1) == path
+
+    def ours(x, w):
+        return layers.conv_general_dilated(x, w, strides, padding, dimension_numbers=numbers)
+
+    def reference(x, w):
+        return jax.lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=dn)
+
+    y_ref = reference(x, w)
+    dy = jax.random.normal(jax.random.key(2), y_ref.shape)
+    got = jax.jit(lambda x, w: jax.vjp(ours, x, w)[1](dy))(x, w)
+    want = jax.vjp(reference, x, w)[1](dy)
+    np.testing.assert_allclose(jax.jit(ours)(x, w), y_ref, rtol=1e-5, atol=1e-5)
+    for g, r in zip(got, want, strict=True):
+        np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-5)

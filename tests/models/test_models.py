@@ -212,9 +212,10 @@ def test_pmap_over_four_devices_equals_one_device(name):
     par_out, par_upd = jax.pmap(step, axis_name="batch")(replicated, x.reshape(4, 2, 32, 32, 3))
 
     np.testing.assert_allclose(par_out.reshape(8, -1), single_out, rtol=1e-4, atol=1e-5)
+    # Statistics of O(1) activations, summed in another order: equal to 1e-5.
     for d in range(4):
         chex.assert_trees_all_close(
-            jax.tree.map(lambda a, d=d: a[d], par_upd), single_upd, rtol=1e-5, atol=1e-6
+            jax.tree.map(lambda a, d=d: a[d], par_upd), single_upd, rtol=1e-5, atol=1e-5
         )
     # Without the axis name each device would normalise with its own 2 images: different.
     local = models.create(name, num_classes=10)
