@@ -1,15 +1,18 @@
 """`flaxcnn.bench`: the numbers are there and sane, the JSON is written, bad input is refused.
 
 The speeds themselves are not asserted: they are what the benchmark is for. LeNet-5 at
-32x32 with a batch of 8 over the four test devices compiles in seconds.
+32x32 with a batch of 8 over the four test devices compiles in seconds. The PyTorch
+reference has its own tests (test_bench_torch.py), skipped where torch is missing.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import statistics
 import subprocess
 import sys
+import tempfile
 
 import jax
 import pytest
@@ -20,6 +23,26 @@ LENET5_PARAMS = 61_706  # LeCun et al. 1998 with 10 outputs
 LENET5_MACS = 416_520  # 28*28*6*25 + 10*10*16*150 + 120*400 + 84*120 + 10*84
 TIMES = ("init_sec", "train_compile_sec", "train_step_ms", "eval_compile_sec")
 RATES = ("train_images_per_sec", "eval_images_per_sec")
+FLOPS = (
+    "train_flops_per_step",
+    "eval_flops_per_step",
+    "train_flops_per_sec",
+    "eval_flops_per_sec",
+    "peak_flops_per_sec",
+    "train_utilisation",
+    "eval_utilisation",
+)
+# A subprocess in which torch and torchvision do not import, as where they are not installed.
+WITHOUT_TORCH = """
+import importlib.abc, sys
+class NoTorch(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.partition(".")[0] in ("torch", "torchvision"):
+            raise ModuleNotFoundError(f"No module named {name!r}")
+sys.meta_path.insert(0, NoTorch())
+from flaxcnn import bench
+bench.main(sys.argv[1:])
+"""
 
 
 @pytest.fixture(scope="module")
@@ -40,6 +63,51 @@ def test_benchmark_numbers(lenet5):
     assert lenet5["device_kind"] and lenet5["model_options"] == {}
 
 
+def test_flops_from_xla_are_global_and_per_step(lenet5):
+    """XLA's count is one device's program: times the 4 devices it is the whole batch's.
+
+    Forward: 2 FLOPs per multiply-add of the batch (LeNet-5 has no padding to leave out),
+    plus the element-wise work; a train step adds the backward pass, about twice that.
+    """
+    for key in FLOPS:
+        assert math.isfinite(lenet5[key]) and lenet5[key] > 0, key
+    for step in ("train", "eval"):
+        per_device = lenet5[f"{step}_flops_per_step_per_device"]
+        assert lenet5[f"{step}_flops_per_step"] == 4 * per_device
+    forward = 2 * LENET5_MACS * lenet5["batch_size"]
+    assert 1.0 <= lenet5["eval_flops_per_step"] / forward < 1.3
+    assert 2.5 < lenet5["train_flops_per_step"] / lenet5["eval_flops_per_step"] < 4.0
+    step_sec = lenet5["train_step_ms"] / 1e3
+    assert lenet5["train_flops_per_sec"] == pytest.approx(lenet5["train_flops_per_step"] / step_sec)
+    assert lenet5["train_utilisation"] == pytest.approx(
+        lenet5["train_flops_per_sec"] / lenet5["peak_flops_per_sec"]
+    )
+    assert "XLA cost_analysis" in lenet5["flops_source"]
+
+
+def test_peak_is_a_matrix_product_on_every_device(lenet5):
+    peak = lenet5["peak"]
+    assert peak["dtype"] == "float32" and peak["devices"] == 4
+    n = peak["matrix_size"]
+    assert n >= 1024 and peak["flops_per_call"] == 2 * n**3 * 4
+    assert peak["call_sec_median"] == statistics.median(peak["call_sec"])
+    assert peak["call_sec_median"] >= 0.01 or n == 16384  # well above a call's fixed costs
+    assert lenet5["peak_flops_per_sec"] == peak["flops_per_sec"]
+    assert peak["flops_per_sec"] == pytest.approx(peak["flops_per_call"] / peak["call_sec_median"])
+    assert "jnp.matmul" in peak["method"] and "median of 5 calls" in peak["method"]
+
+
+def test_repeats_report_the_median_run():
+    result = bench.benchmark("lenet5", image_size=32, batch_size=8, steps=1, repeats=3)
+    runs = result["runs"]
+    assert result["repeats"] == len(runs) == 3
+    median = statistics.median(r["train_sec"] for r in runs)
+    assert result["train_images_per_sec"] == pytest.approx(8 / median)
+    assert result["train_step_ms"] == pytest.approx(1e3 * median)
+    assert all(r["train_images_per_sec"] > 0 and r["eval_images_per_sec"] > 0 for r in runs)
+    assert "reference" not in result and "loop" not in result
+
+
 def test_cli_table_and_json(tmp_path, capsys):
     path = tmp_path / "bench.json"
     argv = ["--arch", "lenet5", "--image-size", "32", "--batch-size", "8", "--steps", "2"]
@@ -55,7 +123,12 @@ def test_cli_table_and_json(tmp_path, capsys):
     assert saved["settings"]["batch_size"] == 8
     (result,) = saved["results"]
     assert result["parallel"] == "shard_map" and result["params"] == LENET5_PARAMS
-    assert all(result[k] > 0 for k in (*TIMES, *RATES))
+    assert all(result[k] > 0 for k in (*TIMES, *RATES, *FLOPS))
+    assert saved["peak"]["flops_per_sec"] == result["peak_flops_per_sec"]
+    assert saved["settings"]["repeats"] == 1 and saved["settings"]["reference"] is None
+    header = out[1].split()
+    assert header.count("util") == 2 and any(h.endswith("FLOP/s") for h in header)
+    assert any(line.startswith("FLOP/s: XLA's FLOPs per compiled step") for line in out[3:])
 
 
 def test_input_size_follows_the_trainer():
@@ -92,11 +165,48 @@ def test_bad_arguments_raise_usage_error(kwargs, message):
         bench.plan(**kwargs)
 
 
+def test_loop_against_the_step(tmp_path, monkeypatch):
+    """The trainer's loop on the digits at the step's network and batch; nothing left behind."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    result = bench.benchmark("lenet5", batch_size=64, steps=2, loop=True, loop_epochs=2)
+    loop = result["loop"]
+    assert list(tmp_path.iterdir()) == []
+    assert (loop["batch_size"], loop["image_size"]) == (result["batch_size"], 32) == (64, 32)
+    assert loop["dataset"] == "digits" and loop["steps_per_epoch"] == 1437 // 64
+    assert len(loop["epoch_images_per_sec"]) == 2 and loop["timed_epochs"] == 1
+    assert result["loop_images_per_sec"] == loop["epoch_images_per_sec"][1] > 0
+    assert result["loop_ratio_to_step"] == pytest.approx(
+        result["loop_images_per_sec"] / result["train_images_per_sec"]
+    )
+
+
+def test_loop_takes_the_digits_input_size(tmp_path):
+    """The trainer's 8x8 digits give ImageNet ResNets their small stem at 8x8, LeNet 32x32."""
+    settings = {"batch_size": 128, "steps": 1, "image_size": None, "num_classes": 10}
+    p, setup = bench.prepare_job("resnet18", settings, loop_root=tmp_path)
+    assert (p.network.image_size, p.network.options) == (8, {"small_stem": True})
+    assert setup.network == p.network and setup.batch_size == p.batch_size == 128
+    p, _ = bench.prepare_job("lenet5", settings, loop_root=tmp_path)
+    assert p.network.image_size == 32
+
+
+def test_reference_without_torch_is_refused(monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` raises ImportError
+    with pytest.raises(cli.UsageError, match=r"pip install 'flaxcnn\[torch\]'"):
+        bench.reference_module("torch")
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [
         (["--arch", "lenet5,resnt20"], "unknown architecture 'resnt20'. Did you mean resnet20"),
         (["--arch", "lenet5", "--image-size", "8"], "lenet5 needs --image-size of at least 16"),
+        (["--arch", "lenet5", "--repeats", "0"], "--repeats must be a positive integer, got 0"),
+        (["--arch", "lenet5", "--reference", "jax"], "invalid choice: 'jax'"),
+        (["--arch", "lenet5", "--loop-epochs", "3"], "--loop-epochs goes with --loop"),
+        (["--arch", "lenet5", "--loop", "--loop-epochs", "1"], "--loop-epochs must be at least 2"),
+        (["--arch", "lenet5", "--loop", "--num-classes", "5"], "digits, which has 10 classes"),
+        (["--arch", "lenet5", "--loop", "--batch-size", "2048"], "larger than the training"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(argv, message):
@@ -107,3 +217,12 @@ def test_bad_input_is_one_line_and_exit_2(argv, message):
     assert proc.stdout == ""
     assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("error: ")
     assert message in proc.stderr
+
+
+def test_reference_without_torch_exits_2():
+    argv = ["--arch", "lenet5", "--reference", "torch", "--steps", "1"]
+    proc = subprocess.run(
+        [sys.executable, "-c", WITHOUT_TORCH, *argv], capture_output=True, text=True
+    )
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr == f"error: {bench.TORCH_MISSING}\n"
