@@ -154,10 +154,6 @@ def optimizer_settings(batch_size: int, total_steps: int) -> optim.OptimizerSett
     )
 
 
-def make_optimizer(batch_size: int, total_steps: int):
-    return optimizer_settings(batch_size, total_steps).build()[0]
-
-
 def device_batch(par: parallel.DataParallel, host: dict[str, np.ndarray]) -> dict[str, Any]:
     """The batch placed on the devices once, so that no timed call copies it again.
 

@@ -3,8 +3,8 @@
 XLA reads `XLA_FLAGS` once, when JAX first opens a backend, so `import flaxcnn` appends
 these to the environment variable before that (a backend already started keeps its flags;
 nothing breaks). A flag the user already put in `XLA_FLAGS` is never overridden, and
-`FLAXCNN_XLA_DEFAULTS=0` turns all of them off. Only CPU options are set: GPU and TPU runs
-are unchanged.
+`FLAXCNN_XLA_DEFAULTS=0` (or false/no/off) turns all of them off. Only CPU options are
+set: GPU and TPU runs are unchanged.
 
 * `--xla_cpu_experimental_ynn_fusion_type=` (an empty list) turns off XLA:CPU's YNNPACK
   rewrites, which jaxlib enables by default for dots and convolutions. On a 2-core Xeon
@@ -47,10 +47,10 @@ def defaults_to_add(xla_flags: str, jaxlib: tuple[int, int] | None) -> list[str]
 
 def apply(environ: MutableMapping[str, str] = os.environ) -> list[str]:
     """Append flaxcnn's defaults to `XLA_FLAGS` in `environ`; returns what was added."""
-    if environ.get(OPT_OUT, "1") == "0":
+    if environ.get(OPT_OUT, "1").strip().lower() in ("0", "false", "no", "off"):
         return []
     current = environ.get("XLA_FLAGS", "")
     added = defaults_to_add(current, _jaxlib_version())
-    if added:
-        environ["XLA_FLAGS"] = " ".join([*current.split(), *added])
+    if added:  # appended to the user's string untouched (quoted values keep their spaces)
+        environ["XLA_FLAGS"] = " ".join([current, *added]) if current.strip() else " ".join(added)
     return added

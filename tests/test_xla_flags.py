@@ -4,6 +4,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from flaxcnn import xla_flags
 
 YNN = "--xla_cpu_experimental_ynn_fusion_type="
@@ -29,10 +31,17 @@ def test_jaxlib_that_does_not_know_the_flag_gets_none():
     assert xla_flags.defaults_to_add("", None) == []
 
 
-def test_opt_out():
-    env = {xla_flags.OPT_OUT: "0", "XLA_FLAGS": "--foo=1"}
+@pytest.mark.parametrize("value", ["0", "false", "No", "off"])
+def test_opt_out(value):
+    env = {xla_flags.OPT_OUT: value, "XLA_FLAGS": "--foo=1"}
     assert xla_flags.apply(env) == []
     assert env["XLA_FLAGS"] == "--foo=1"
+
+
+def test_the_users_string_is_kept_as_written():
+    env = {"XLA_FLAGS": '--xla_dump_to="/tmp/a  b"'}
+    added = xla_flags.apply(env)
+    assert env["XLA_FLAGS"] == " ".join(['--xla_dump_to="/tmp/a  b"', *added])
 
 
 def test_import_sets_them_before_jax_starts_and_jax_runs():

@@ -28,12 +28,18 @@ from jax import lax
 Array = jax.Array
 
 
+def compute_dtype(x: Array) -> Any:
+    """float32, or float64 for float64 inputs (as Flax: statistics at least float32)."""
+    return jnp.promote_types(x.dtype, jnp.float32)
+
+
 def channel_sums(x: Array) -> Array:
-    """Sums of a (rows, C) array over its rows, in float32: one matrix product on CPU."""
+    """Sums of a (rows, C) array over its rows (at least float32): a matrix product on CPU."""
+    dtype = compute_dtype(x)
     if jax.default_backend() == "cpu":
         ones = jnp.ones((x.shape[0],), x.dtype)
-        return jnp.dot(ones, x, preferred_element_type=jnp.float32, precision="highest")
-    return jnp.sum(x, axis=0, dtype=jnp.float32)
+        return jnp.dot(ones, x, preferred_element_type=dtype, precision="highest")
+    return jnp.sum(x, axis=0, dtype=dtype)
 
 
 def _mean_over(values: Array, axis_name: str | None) -> Array:
@@ -55,6 +61,19 @@ def _like(cotangent: Array, primal: Array) -> Array:
     return lax.psum(cotangent, tuple(sorted(extra))) if extra else cotangent
 
 
+def _needs_sum(cotangent: Array, x: Array, axis_name: str | None) -> bool:
+    """Whether a per-device cotangent of a global statistic must still be summed.
+
+    Under `pmap` (nothing tracked) it must. Under `shard_map` with replication tracked
+    (the batch `x` varies along the axis), autodiff hands over an invariant cotangent
+    already summed over devices, and a varying one to sum.
+    """
+    if axis_name is None:
+        return False
+    tracked = axis_name in _varying_axes(x)
+    return not tracked or axis_name in _varying_axes(cotangent)
+
+
 def _varying_axes(value: Array) -> frozenset:
     aval = jax.typeof(value)
     manual = getattr(aval, "manual_axis_type", None)  # jax >= 0.9; `vma` before
@@ -64,7 +83,7 @@ def _varying_axes(value: Array) -> frozenset:
 def _statistics(x: Array, axis_name: str | None) -> tuple[Array, Array, Array]:
     """Batch mean, variance (clipped at 0) and E[x^2] - E[x]^2 before clipping."""
     rows = float(x.shape[0])  # a float: row counts can exceed int32 (huge images)
-    x32 = x.astype(jnp.float32)
+    x32 = x.astype(compute_dtype(x))
     moments = jnp.stack([channel_sums(x32), channel_sums(x32 * x32)]) / rows
     mean, mean_sq = _mean_over(moments, axis_name)
     raw_var = mean_sq - mean * mean
@@ -78,14 +97,14 @@ def normalize_batch(
     """BatchNorm of a (rows, C) array with its own statistics: (y, mean, var)."""
     mean, var, _ = _statistics(x, axis_name)
     mul = lax.rsqrt(var + epsilon) * scale
-    y = (x.astype(jnp.float32) - mean) * mul + bias
+    y = (x.astype(mean.dtype) - mean) * mul + bias
     return y, mean, var
 
 
 def _normalize_fwd(x, scale, bias, epsilon, axis_name):
     mean, var, raw_var = _statistics(x, axis_name)
     inv = lax.rsqrt(var + epsilon)
-    y = (x.astype(jnp.float32) - mean) * (inv * scale) + bias
+    y = (x.astype(mean.dtype) - mean) * (inv * scale) + bias
     return (y, mean, var), (x, scale, bias, mean, inv, raw_var)
 
 
@@ -100,15 +119,19 @@ def _normalize_bwd(epsilon, axis_name, residuals, cotangents):
     del epsilon
     x, scale, bias, mean, inv, raw_var = residuals
     dy, d_mean, d_var = cotangents
-    x32 = x.astype(jnp.float32)
-    dy = dy.astype(jnp.float32)
+    x32 = x.astype(mean.dtype)
+    dy = dy.astype(mean.dtype)
     x_hat = (x32 - mean) * inv
     sum_dy = channel_sums(dy)
     sum_dy_xhat = channel_sums(dy * x_hat)
-    # Cotangents of the (global) var and mean, this device's part, then summed.
-    c_var = -0.5 * scale * inv * inv * sum_dy_xhat + d_var
-    c_mean = -scale * inv * sum_dy + d_mean
-    c_var, c_mean = _sum_over(jnp.stack([c_var, c_mean]), axis_name)
+    # Cotangents of the (global) var and mean: this device's part through y, summed over
+    # devices, plus those of the returned statistics (summed too unless already global).
+    through_y = jnp.stack([-0.5 * scale * inv * inv * sum_dy_xhat, -scale * inv * sum_dy])
+    returned = jnp.stack([d_var, d_mean])
+    if _needs_sum(returned, x, axis_name):
+        c_var, c_mean = _sum_over(through_y + returned, axis_name)
+    else:
+        c_var, c_mean = _sum_over(through_y, axis_name) + returned
     c_mean_sq = jnp.where(raw_var > 0, c_var, 0.0)  # var = max(E[x^2] - mean^2, 0)
     c_mean = c_mean - 2.0 * mean * c_mean_sq
     total = float(x.shape[0]) * _sum_over(1, axis_name)
@@ -128,8 +151,11 @@ normalize_batch.defvjp(_normalize_fwd, _normalize_bwd)
 class BatchNorm(nn.Module):
     """`flax.linen.BatchNorm` over the last axis (the one form the models use), faster on CPU.
 
-    Same fields, variables and results as Flax's (to float32 rounding); see the module
-    docstring for what differs in how the sums are computed.
+    Same fields, variables and results as Flax's up to rounding: the products add in
+    another order, with a larger rounding error than XLA's tree reductions (relative error
+    of a channel's sum, float32: about 3e-6 at 65k rows and 4e-5 at 1M, against 1e-7), far
+    below a batch statistic's own sampling noise. Forward-mode autodiff (`jax.jvp`) is not
+    available through train mode (a `jax.custom_vjp`); reverse mode is.
     """
 
     use_running_average: bool | None = None
@@ -153,7 +179,7 @@ class BatchNorm(nn.Module):
         dtype = self.dtype or jnp.result_type(x, jnp.float32)
         if use_running_average:
             mul = lax.rsqrt(ra_var.value + self.epsilon) * scale
-            y = (x.astype(jnp.float32) - ra_mean.value) * mul + bias
+            y = (x.astype(compute_dtype(x)) - ra_mean.value) * mul + bias
             return y.astype(dtype)
         # Flax averages over devices only once the axis exists (not at init).
         axis_name = None if self.is_initializing() else self.axis_name

@@ -72,10 +72,11 @@ def conv_general_dilated(
             lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
             dimension_numbers, feature_group_count, precision=precision, **kwargs,
         )  # fmt: skip
-    (sh, sw), ((pt, pb), (pl, pr)) = window_strides, padding
-    kh, kw = rhs.shape[0], rhs.shape[1]
+    sh, sw = window_strides
     if path == "pointwise":
         return jnp.dot(lhs[:, ::sh, ::sw, :], rhs[0, 0], precision=precision, **kwargs)
+    kh, kw = rhs.shape[0], rhs.shape[1]
+    (pt, pb), (pl, pr) = padding
     x = jnp.pad(lhs, ((0, 0), (pt, pb), (pl, pr), (0, 0)))
     ho = (x.shape[1] - kh) // sh + 1
     wo = (x.shape[2] - kw) // sw + 1
@@ -97,7 +98,6 @@ def _matmul_path(
     plain = (
         jax.default_backend() == "cpu"
         and lhs.ndim == 4
-        and not isinstance(padding, str)
         and feature_group_count == 1
         and all(d == 1 for d in (*(lhs_dilation or ()), *(rhs_dilation or ())))
         and dimension_numbers == nhwc
@@ -105,9 +105,11 @@ def _matmul_path(
     if not plain:
         return None
     kh, kw = rhs.shape[0], rhs.shape[1]
-    if (kh, kw) == (1, 1) and all(p == 0 for pair_ in padding for p in pair_):
-        return "pointwise"
-    if min(lhs.shape[1], lhs.shape[2]) < max(kh, kw):
+    if (kh, kw) == (1, 1):
+        # "SAME" and "VALID" never pad a 1x1 kernel, at any stride (Flax's default is "SAME").
+        unpadded = isinstance(padding, str) or all(p == 0 for pair_ in padding for p in pair_)
+        return "pointwise" if unpadded else None
+    if not isinstance(padding, str) and min(lhs.shape[1], lhs.shape[2]) < max(kh, kw):
         return "taps"
     return None
 

@@ -181,3 +181,53 @@ def test_channel_sums_are_accurate():
     got = np.asarray(channel_sums(jnp.asarray(x)))
     want = x.astype(np.float64).sum(0)
     np.testing.assert_allclose(got, want, rtol=1e-5)
+
+
+@pytest.mark.parametrize("strategy", ["pmap", "shard_map", "shard_map_untracked"])
+def test_gradient_of_returned_statistics_over_four_devices(strategy):
+    """Gradients through the global mean and variance match autodiff of `lax.pmean`."""
+    from flaxcnn.models.batchnorm import normalize_batch
+
+    x = inputs((4, 8, 5))
+    scale, bias = jnp.full((5,), 1.3), jnp.full((5,), 0.1)
+
+    def reference(x):
+        mean = jax.lax.pmean(x.mean(0), "batch")
+        var = jnp.maximum(jax.lax.pmean((x * x).mean(0), "batch") - mean**2, 0.0)
+        y = (x - mean) * jax.lax.rsqrt(var + 1e-5) * scale + bias
+        return y, mean, var
+
+    def ours(x):
+        return normalize_batch(x, scale, bias, 1e-5, "batch")
+
+    def loss(f, x):
+        y, mean, var = f(x)
+        return jnp.sum(jnp.sin(y)) + jnp.sum(mean * 2.0) + jnp.sum(var**2)
+
+    def run(f):
+        grad = jax.grad(functools.partial(loss, f))
+        if strategy == "pmap":
+            return jax.pmap(grad, axis_name="batch")(x)
+        mesh = Mesh(np.array(jax.local_devices()), ("batch",))
+        spec = PartitionSpec("batch")
+        body = jax.shard_map(
+            lambda x: grad(x[0])[None],
+            mesh=mesh,
+            in_specs=spec,
+            out_specs=spec,
+            check_vma=strategy == "shard_map",
+        )
+        return jax.jit(body)(x)
+
+    assert_close(run(ours), run(reference), 1e-5)
+
+
+def test_float64_is_computed_in_float64():
+    with jax.enable_x64(True):
+        x = inputs((6, 3, 3, 4)).astype(jnp.float64)
+        dy = jnp.ones_like(x)
+        v = variables(x.shape)
+        ours = grads_and_state(BatchNorm(use_running_average=False, **SETTINGS), v, x, dy)
+        theirs = grads_and_state(nn.BatchNorm(use_running_average=False, **SETTINGS), v, x, dy)
+        chex.assert_trees_all_equal_dtypes(ours, theirs)
+        assert_close(ours, theirs, 1e-10)

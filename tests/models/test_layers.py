@@ -84,6 +84,9 @@ CONV_CASES = [
     ((4, 1, 1, 16), (3, 3, 16, 8), (1, 1), ((1, 1), (1, 1)), "taps"),
     ((4, 8, 8, 16), (3, 3, 16, 8), (1, 1), ((1, 1), (1, 1)), None),
     ((4, 8, 8, 16), (1, 1, 16, 8), (1, 1), ((1, 1), (1, 1)), None),  # padded 1x1
+    ((4, 9, 9, 16), (1, 1, 16, 8), (2, 2), "SAME", "pointwise"),  # Flax's default padding
+    ((4, 9, 9, 16), (1, 1, 16, 8), (2, 2), "VALID", "pointwise"),
+    ((4, 2, 2, 16), (3, 3, 16, 8), (1, 1), "SAME", None),
 ]
 
 
@@ -109,3 +112,17 @@ def test_conv_matrix_product_paths_equal_lax_conv(lhs_shape, rhs_shape, strides,
     np.testing.assert_allclose(jax.jit(ours)(x, w), y_ref, rtol=1e-5, atol=1e-5)
     for g, r in zip(got, want, strict=True):
         np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-5)
+
+
+def test_resnet_projections_take_the_pointwise_path(monkeypatch):
+    """ResNet's 1x1 convolutions (Flax's default "SAME" padding) are matrix products on CPU."""
+    from flaxcnn import models
+
+    seen = []
+    original = layers._matmul_path
+    monkeypatch.setattr(
+        layers, "_matmul_path", lambda lhs, rhs, *a: seen.append(original(lhs, rhs, *a)) or seen[-1]
+    )
+    model = models.create("resnet50", num_classes=10, small_stem=True)
+    jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), jnp.ones((1, 8, 8, 3)))
+    assert seen.count("pointwise") >= 36  # 3 per bottleneck x 16, minus none
