@@ -95,10 +95,7 @@ def normalize_batch(
     x: Array, scale: Array, bias: Array, epsilon: float, axis_name: str | None
 ) -> tuple[Array, Array, Array]:
     """BatchNorm of a (rows, C) array with its own statistics: (y, mean, var)."""
-    mean, var, _ = _statistics(x, axis_name)
-    mul = lax.rsqrt(var + epsilon) * scale
-    y = (x.astype(mean.dtype) - mean) * mul + bias
-    return y, mean, var
+    return _normalize_fwd(x, scale, bias, epsilon, axis_name)[0]
 
 
 def _normalize_fwd(x, scale, bias, epsilon, axis_name):

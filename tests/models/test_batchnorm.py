@@ -76,22 +76,22 @@ def test_same_variables_as_flax():
     chex.assert_trees_all_equal_dtypes(ours, theirs)
 
 
-@pytest.mark.parametrize("shape", [(8, 6, 6, 16), (64, 4, 4, 32), (3, 7)])
-def test_train_mode_matches_flax(shape):
+@pytest.mark.parametrize(
+    "use_running_average, shape, tol",
+    [
+        (False, (8, 6, 6, 16), 1e-5),
+        (False, (64, 4, 4, 32), 1e-5),
+        (False, (3, 7), 1e-5),
+        (True, (4, 5, 5, 8), 1e-6),  # eval mode: the stored statistics, no sums
+    ],
+)
+def test_train_and_eval_mode_match_flax(use_running_average, shape, tol):
     v, x = variables(shape), inputs(shape)
     dy = jax.random.normal(jax.random.key(2), shape)
-    ours = grads_and_state(BatchNorm(use_running_average=False, **SETTINGS), v, x, dy)
-    theirs = grads_and_state(nn.BatchNorm(use_running_average=False, **SETTINGS), v, x, dy)
-    assert_close(ours, theirs, 1e-5)
-
-
-def test_eval_mode_matches_flax():
-    shape = (4, 5, 5, 8)
-    v, x = variables(shape), inputs(shape)
-    dy = jax.random.normal(jax.random.key(2), shape)
-    ours = grads_and_state(BatchNorm(use_running_average=True, **SETTINGS), v, x, dy)
-    theirs = grads_and_state(nn.BatchNorm(use_running_average=True, **SETTINGS), v, x, dy)
-    assert_close(ours, theirs, 1e-6)
+    settings = {**SETTINGS, "use_running_average": use_running_average}
+    ours = grads_and_state(BatchNorm(**settings), v, x, dy)
+    theirs = grads_and_state(nn.BatchNorm(**settings), v, x, dy)
+    assert_close(ours, theirs, tol)
 
 
 def test_bfloat16_compute_matches_flax():
