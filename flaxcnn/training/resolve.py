@@ -18,6 +18,7 @@ import jax
 
 from flaxcnn import data, models
 from flaxcnn.cli import UsageError
+from flaxcnn.data.transforms import normalization
 from flaxcnn.models import summary
 from flaxcnn.models.parsing import parse_options
 from flaxcnn.training import memory, optim, resume
@@ -53,11 +54,20 @@ class Setup:
         return self.config.checkpoint_every or self.steps_per_epoch
 
     def meta(self) -> dict[str, Any]:
-        """What a checkpoint records: the network, and the data it classifies."""
+        """What a checkpoint records: the network, the data it classifies, and how an image
+        becomes its input (`flaxcnn.predict` reads it: centre square, resize, normalise)."""
+        net = self.network
+        mean, std = normalization(self.dataset.info, net.in_channels)
         return {
-            **self.network.meta(),
+            **net.meta(),
             "class_names": [str(c) for c in self.dataset.info.class_names],
             "dataset": self.config.dataset,
+            "preprocessing": {
+                "resize": net.image_size,
+                "crop": net.image_size,
+                "mean": [float(m) for m in mean],
+                "std": [float(s) for s in std],
+            },
         }
 
 
