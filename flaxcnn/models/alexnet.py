@@ -74,6 +74,7 @@ register(
         family="alexnet",
         input_size=224,
         min_size=MIN_SIZE,
+        classifier=("classifier",),
         description="AlexNet: five conv layers, three fully connected, ReLU and dropout",
     )
 )

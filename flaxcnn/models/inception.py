@@ -17,6 +17,17 @@ torchvision adds BatchNorm (eps 1e-3) after every bias-free convolution, uses ce
 max-pools, and a 3x3 kernel in the "5x5" branch (`paper_5x5=True` restores the 5x5).
 Names follow torchvision's state_dict with a Sequential index joined by "_"
 (`inception4a.branch2.1.conv.weight` is `inception4a/branch2_1/conv/kernel`).
+
+`transform_input=True` is torchvision's `GoogLeNet(transform_input=True)`, which its
+pretrained ImageNet weights need (`torchvision.models.googlenet(weights=...)` turns it on):
+those weights were trained on images scaled to [-1, 1] (`(x - 0.5) / 0.5`), while the
+pipeline hands over images normalised with ImageNet's mean and std; the first thing the
+network does is map one onto the other, per channel c:
+
+    x_c * (std_c / 0.5) + (mean_c - 0.5) / 0.5
+
+with `flaxcnn.data.imagenet.MEAN` and `STD`. It has no parameters; leave it off for
+networks trained here.
 """
 
 from __future__ import annotations
@@ -28,6 +39,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from flaxcnn.models import layers
 from flaxcnn.models.registry import ModelSpec, register
@@ -128,6 +140,18 @@ INCEPTION_CONFIGS: dict[str, tuple[int, int, int, int, int, int]] = {
 }
 
 
+def imagenet_to_unit_range(x: Array) -> Array:
+    """torchvision's `GoogLeNet._transform_input` on NHWC input: undo the ImageNet mean/std
+    normalisation and scale to [-1, 1] instead, `x_c * (std_c / 0.5) + (mean_c - 0.5) / 0.5`
+    (computed in at least float32)."""
+    # Imported here: the data package is slow to import and only this option needs it.
+    from flaxcnn.data.imagenet import MEAN, STD
+
+    mean, std = np.asarray(MEAN, np.float32), np.asarray(STD, np.float32)
+    x = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+    return x * (std / 0.5) + (mean - 0.5) / 0.5
+
+
 class GoogLeNet(nn.Module):
     """GoogLeNet. With `aux_logits`, train mode returns `(logits, (aux1, aux2))`.
 
@@ -139,6 +163,7 @@ class GoogLeNet(nn.Module):
     num_classes: int = 1000
     aux_logits: bool = False
     paper_5x5: bool = False
+    transform_input: bool = False
     dropout_rate: float = 0.2
     aux_dropout_rate: float = 0.7
     axis_name: str | None = None
@@ -147,6 +172,8 @@ class GoogLeNet(nn.Module):
     @nn.compact
     def __call__(self, x: Array, train: bool) -> Array | tuple[Array, tuple[Array, Array]]:
         layers.check_min_size(x, MIN_SIZE, "googlenet")
+        if self.transform_input:
+            x = imagenet_to_unit_range(x)
         x = x.astype(self.dtype)
         conv = basic_conv(self.axis_name, self.dtype)
         inception = functools.partial(
@@ -211,6 +238,7 @@ register(
         input_size=224,
         num_classes=1000,
         min_size=MIN_SIZE,
+        classifier=("fc", "aux1", "aux2"),
         description="GoogLeNet (Inception v1), torchvision layout: BatchNorm, 3x3 in the "
         "'5x5' branch; aux_logits adds the two auxiliary classifiers",
     )

@@ -73,6 +73,7 @@ register(
         in_channels=1,
         num_classes=10,
         min_size=16,
+        classifier=("output",),
         description="LeNet-5: two 5x5 conv/pool stages, then 120-84-classes (LeCun 1998)",
     )
 )

@@ -25,7 +25,9 @@ class ModelSpec:
     `input_size`/`in_channels`/`num_classes` are the design point (e.g. 224x224x3 and 1000
     classes for ImageNet networks). `min_size` is the smallest square input that works.
     `small_input_options` are the options that adapt the network to 32x32-class images
-    (e.g. ResNet's small stem).
+    (e.g. ResNet's small stem). `classifier` names the top-level modules that end in class
+    scores (the main head, and auxiliary heads where the network has them): the last dense
+    layer of each is what `--freeze-backbone` trains.
     """
 
     name: str
@@ -36,6 +38,7 @@ class ModelSpec:
     num_classes: int = 1000
     min_size: int = 1
     small_input_options: dict[str, Any] = dataclasses.field(default_factory=dict)
+    classifier: tuple[str, ...] = ("fc",)
     description: str = ""
 
 

@@ -60,6 +60,7 @@ register(
         input_size=32,
         num_classes=10,
         min_size=8,
+        classifier=("classifier",),
         description="plain conv/ReLU/max-pool blocks, flatten, dense layers",
     )
 )

@@ -85,6 +85,7 @@ for _depth, _config in CONFIGS.items():
                 family="vgg",
                 input_size=224,
                 min_size=32,
+                classifier=("classifier",),
                 description=f"VGG-{_depth}" + (" with BatchNorm" if _bn else ""),
             )
         )

@@ -115,6 +115,11 @@ class TrainConfig:
         "workdir or checkpoint directory of the same architecture to start from; the "
         "classifier is re-initialised when the class count differs",
     )
+    freeze_backbone: bool = setting(
+        False,
+        "with --init-from: train only the classifier's last layer; the rest keeps the "
+        "source's weights and BatchNorm statistics (inference mode, no dropout)",
+    )
     workers: int = setting(0, "data worker processes (0: background threads only)")
     progress: bool = setting(
         True, "show a progress bar per epoch on stderr (only when it is a terminal)"
@@ -173,6 +178,8 @@ class TrainConfig:
                 f"got {self.process_id}"
             )
 
+        if self.freeze_backbone and not self.init_from:
+            raise UsageError("--freeze-backbone needs --init-from (the weights to keep fixed)")
         if self.model_options is not None and not isinstance(self.model_options, dict):
             raise UsageError(f"model_options must be a dict, got {self.model_options!r}")
 

@@ -16,17 +16,19 @@ import contextlib
 import time
 from collections.abc import Callable, Collection, Iterator
 from pathlib import Path
+from typing import Any
 
 import jax
 import numpy as np
 from flax import serialization
 
-from flaxcnn import data
+from flaxcnn import data, models
 from flaxcnn.cli import UsageError
 from flaxcnn.models.parsing import parse_options
 from flaxcnn.training import (
     console,
     distributed,
+    freeze,
     metrics,
     parallel,
     precise_bn,
@@ -78,24 +80,47 @@ def train(
             )
         if changed:
             changes["data"] = changed
+    loaded, fresh = None, []
     if resuming:
         source = None  # the run's own checkpoint is where it continues
     elif source is not None:
         warm_start.check_options(config.init_from, source[1], setup.network)
+        loaded = warm_start.read(source[0])
+        fresh = warm_start.fresh_names(loaded, setup.network)
+    trainable = frozen_backbone_mask(setup, fresh)
 
     run.create()
     primary = jax.process_index() == 0
     with run.locked() if primary else contextlib.nullcontext():  # one run per workdir
         tx, schedule = setup.optimizer.build()
+        if trainable is not None:
+            tx = freeze.mask_optimizer(tx, trainable)
         state = create_train_state(setup.network, tx, config.seed)
         replaced: list[str] = []
-        if source is not None:
-            state, replaced = warm_start.load(source[0], state)
+        if loaded is not None:
+            state, replaced = warm_start.load(loaded, state)
         history = (previous, changes) if resuming else None
-        with Trainer(setup, run, state, schedule, history, out) as trainer:
+        with Trainer(setup, run, state, schedule, history, out, trainable) as trainer:
             if replaced:
                 trainer.out(f"--init-from: re-initialised {', '.join(replaced)} (shape differs)")
             return trainer.fit()
+
+
+def frozen_backbone_mask(setup: Setup, fresh: list[str]):
+    """With --freeze-backbone, which parameters train (a tree of bools, True only in the
+    classifier); else None. UsageError when a frozen layer would not come from the source."""
+    if not setup.config.freeze_backbone:
+        return None
+    network = setup.network
+    model = network.create()
+    shapes = jax.eval_shape(
+        lambda: model.init(jax.random.key(0), jax.numpy.zeros(network.input_shape()), train=False)
+    )
+    spec = models.get_spec(network.arch)
+    heads = freeze.head_layers(shapes["params"], spec.classifier, network.num_classes)
+    mask = freeze.trainable_mask(shapes["params"], heads)
+    freeze.check_loaded(mask, fresh)
+    return mask
 
 
 def resume_settings(
@@ -110,6 +135,11 @@ def resume_settings(
     if run is None or config.resume is False or not run.has_checkpoint():
         return config, None, {}
     stored = run.read_config()
+    if stored.get("converted_from"):
+        raise UsageError(
+            f"{run.path} holds converted weights, not a training run: start a run from them "
+            f"with --init-from {run.path} and another --workdir"
+        )
     if not stored.get("arch"):
         raise UsageError(
             f"{run.path} holds checkpoints but no readable config.json with its settings, so "
@@ -145,10 +175,13 @@ class Trainer:
         schedule,
         history: tuple[dict | None, dict] | None,
         out: Callable[[str], None],
+        trainable: Any = None,
     ):
-        """`history` is (the stored config.json, the changed settings) when resuming."""
+        """`history` is (the stored config.json, the changed settings) when resuming;
+        `trainable` the --freeze-backbone mask (None: everything trains)."""
         self.config = setup.config
         self.setup, self.run, self.schedule = setup, run, schedule
+        self.trainable = trainable
         self.out = out if jax.process_index() == 0 else (lambda line: None)
         self.step, self.carried = 0, None
         self._closers: list[Callable[[], None]] = []
@@ -191,11 +224,12 @@ class Trainer:
             if config.accept_new_data:  # the same position in the stream of the new data
                 data_state = {**self.batches.get_state(), "step": data_state["step"]}
             self.batches.set_state(data_state)
-        has_batch_norm = bool(jax.tree.leaves(state.batch_stats))
+        # A frozen backbone keeps the source's BatchNorm statistics: nothing to recompute.
+        recompute_bn = bool(jax.tree.leaves(state.batch_stats)) and self.trainable is None
         self.bn_pipeline = (
-            self._pipeline(augment=False) if config.precise_bn and has_batch_norm else None
+            self._pipeline(augment=False) if config.precise_bn and recompute_bn else None
         )
-        self.par = parallel.make(config.parallel, config.label_smoothing)
+        self.par = parallel.make(config.parallel, config.label_smoothing, self.trainable)
         self.dstate = self.par.put_state(state)
         self.stop = StopRequest()
 

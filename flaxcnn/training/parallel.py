@@ -32,10 +32,12 @@ class DataParallel:
 
     name: str
 
-    def __init__(self, label_smoothing: float = 0.0):
+    def __init__(self, label_smoothing: float = 0.0, trainable: Any = None):
         self.local_devices = jax.local_device_count()
         self.devices = jax.device_count()
-        train = functools.partial(steps.train_step, label_smoothing=label_smoothing)
+        train = functools.partial(
+            steps.train_step, label_smoothing=label_smoothing, trainable=trainable
+        )
         self.train_step = self._compile(train, donate=True)
         self.eval_step = self._compile(steps.eval_step, donate=False)
         self.batch_norm_step = self._compile(steps.batch_norm_step, donate=False)
@@ -87,11 +89,11 @@ class PmapParallel(DataParallel):
 class ShardMapParallel(DataParallel):
     name = "shard_map"
 
-    def __init__(self, label_smoothing: float = 0.0):
+    def __init__(self, label_smoothing: float = 0.0, trainable: Any = None):
         self.mesh = Mesh(np.asarray(jax.devices()), (steps.AXIS,))
         self.replicated = NamedSharding(self.mesh, PartitionSpec())
         self.sharded = NamedSharding(self.mesh, PartitionSpec(steps.AXIS))
-        super().__init__(label_smoothing)
+        super().__init__(label_smoothing, trainable)
 
     def _compile(self, fn, donate):
         mapped = jax.shard_map(
@@ -134,9 +136,10 @@ def interleave(x: np.ndarray, n: int) -> np.ndarray:
     return x.reshape(-1, n, *x.shape[1:]).swapaxes(0, 1)
 
 
-def make(name: str, label_smoothing: float = 0.0) -> DataParallel:
+def make(name: str, label_smoothing: float = 0.0, trainable: Any = None) -> DataParallel:
+    """The strategy `name`; `trainable` is the --freeze-backbone mask (see `steps.train_step`)."""
     if name == "pmap":
-        return PmapParallel(label_smoothing)
+        return PmapParallel(label_smoothing, trainable)
     if name == "shard_map":
-        return ShardMapParallel(label_smoothing)
+        return ShardMapParallel(label_smoothing, trainable)
     raise ValueError(f"unknown parallel strategy {name!r}; choose from {', '.join(STRATEGIES)}")

@@ -38,7 +38,7 @@ MAY_CHANGE = frozenset(
     }
 )
 # Settings that runs before this version did not record, with the value they ran with.
-LEGACY = {"precise_bn": 0, "skip_corrupt": False}
+LEGACY = {"precise_bn": 0, "skip_corrupt": False, "freeze_backbone": False}
 # What the stored run's data looked like: a changed folder shows in its counts or statistics.
 DATA_KEYS = ("name", "num_classes", "class_names", "num_train", "num_test", "mean", "std")
 

@@ -37,18 +37,28 @@ def split_outputs(outputs: Any) -> tuple[jax.Array, tuple[jax.Array, ...]]:
 
 
 def train_step(
-    state: TrainState, batch: dict[str, jax.Array], label_smoothing: float = 0.0
+    state: TrainState,
+    batch: dict[str, jax.Array],
+    label_smoothing: float = 0.0,
+    trainable: Any = None,
 ) -> tuple[TrainState, Metrics]:
+    """One step. `trainable` (a tree of bools like the params; --freeze-backbone) makes the
+    others a fixed feature extractor: the network runs in inference mode (BatchNorm with its
+    running statistics, which stay as they are; no dropout), their gradients are stopped,
+    so the backward pass ends at the trained layers, and the optimizer leaves them alone."""
     labels = batch["label"]
+    frozen = trainable is not None
     # A different dropout key on every step and on every device.
     key = jax.random.wrap_key_data(state.rng)
     key = jax.random.fold_in(jax.random.fold_in(key, state.step), lax.axis_index(AXIS))
 
     def loss_fn(params):
+        if frozen:
+            params = jax.tree.map(lambda p, t: p if t else lax.stop_gradient(p), params, trainable)
         outputs, updates = state.apply_fn(
             {"params": params, "batch_stats": state.batch_stats},
             batch["image"],
-            train=True,
+            train=not frozen,
             rngs={"dropout": key},
             mutable=["batch_stats"],
         )
@@ -56,10 +66,14 @@ def train_step(
         loss = losses.cross_entropy(logits, labels, label_smoothing)
         for aux_logits in aux:
             loss += AUX_LOSS_WEIGHT * losses.cross_entropy(aux_logits, labels, label_smoothing)
-        return loss, (logits, updates.get("batch_stats", {}))
+        batch_stats = state.batch_stats if frozen else updates.get("batch_stats", {})
+        return loss, (logits, batch_stats)
 
     (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    grads = lax.pmean(grads, AXIS)
+    if frozen:  # the frozen gradients are zeros: nothing to average
+        grads = jax.tree.map(lambda g, t: lax.pmean(g, AXIS) if t else g, grads, trainable)
+    else:
+        grads = lax.pmean(grads, AXIS)
     state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
     n = jnp.float32(labels.shape[0])
     metrics = {

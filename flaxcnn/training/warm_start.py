@@ -3,9 +3,12 @@
 `locate` and `check_options` answer quickly, before anything is built: the source must
 hold a checkpoint of the same architecture with the same model options, except those that
 only change training or initialisation (dropout rates, auxiliary heads, the small-input stem,
-zero-initialised residuals). `load` then copies every parameter and BatchNorm statistic
-whose name and shape match; the others (the classifier, when the class count differs; a
-stem of another size) keep their fresh initialisation and are named.
+zero-initialised residuals). `read` restores its variables and `fresh_names` tells, still
+before anything is written, which of the new network's variables it cannot provide; `load`
+then copies every parameter and BatchNorm statistic whose name and shape match; the others
+(the classifier, when the class count differs; a stem of another size) keep their fresh
+initialisation and are named. The source may be a training run or converted torchvision
+weights (`flaxcnn.convert`).
 """
 
 from __future__ import annotations
@@ -66,9 +69,9 @@ def _normalise(value: Any) -> Any:
     return tuple(value) if isinstance(value, list) else value
 
 
-def load(directory: Path, state: TrainState) -> tuple[TrainState, list[str]]:
-    """`state` with the params and BatchNorm statistics of the best (else latest) checkpoint
-    in `directory` where names and shapes match; returns it and the names left fresh."""
+def read(directory: Path) -> dict[str, Any]:
+    """{"params", "batch_stats"} of the best (else latest) checkpoint in `directory`, as saved
+    (host arrays, nested dicts); UsageError when it is damaged."""
     ckpts = Checkpoints(directory, read_only=True)
     try:
         step = ckpts.best_step()
@@ -79,6 +82,39 @@ def load(directory: Path, state: TrainState) -> tuple[TrainState, list[str]]:
         restored = ckpts.manager.restore(step)["state"]  # structure as saved, no template
     finally:
         ckpts.close()
+    return {"params": restored.get("params", {}), "batch_stats": restored.get("batch_stats", {})}
+
+
+def fresh_names(source: dict[str, Any], network: Network) -> list[str]:
+    """The parameters and statistics of `network` that `source` cannot provide (missing, or of
+    another shape), as `load` will name them; from shapes alone, nothing is computed."""
+    model = network.create()
+    shapes = jax.eval_shape(
+        lambda: model.init(jax.random.key(0), jax.numpy.zeros(network.input_shape()), train=False)
+    )
+    fresh = {"params": shapes["params"], "batch_stats": shapes.get("batch_stats", {})}
+    return _merge_all(fresh, source)[1]
+
+
+def load(source: dict[str, Any], state: TrainState) -> tuple[TrainState, list[str]]:
+    """`state` with the params and BatchNorm statistics of `source` (from `read`) where names
+    and shapes match; returns it and the names left fresh."""
+    fresh = {
+        "params": serialization.to_state_dict(state.params),
+        "batch_stats": serialization.to_state_dict(state.batch_stats),
+    }
+    merged, replaced = _merge_all(fresh, source)
+    params = serialization.from_state_dict(state.params, merged["params"])
+    state = state.replace(
+        params=params,
+        batch_stats=serialization.from_state_dict(state.batch_stats, merged["batch_stats"]),
+        opt_state=state.tx.init(params),
+    )
+    return state, replaced
+
+
+def _merge_all(fresh: dict[str, Any], source: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """Each collection of `fresh` with `source`'s leaves where path and shape agree."""
     replaced: list[str] = []
 
     def merge(fresh_tree, loaded_tree):
@@ -89,19 +125,12 @@ def load(directory: Path, state: TrainState) -> tuple[TrainState, list[str]]:
 
         def take(path, fresh):
             value = loaded.get(jax.tree_util.keystr(path))
-            if value is not None and np.shape(value) == np.shape(fresh):
-                return np.asarray(value, dtype=np.asarray(fresh).dtype)
+            if value is not None and np.shape(value) == fresh.shape:
+                return np.asarray(value, dtype=fresh.dtype)
             replaced.append(jax.tree_util.keystr(path))
-            return np.asarray(fresh)
+            return fresh if isinstance(fresh, jax.ShapeDtypeStruct) else np.asarray(fresh)
 
         return jax.tree_util.tree_map_with_path(take, fresh_tree)
 
-    params = merge(serialization.to_state_dict(state.params), restored.get("params", {}))
-    stats = merge(serialization.to_state_dict(state.batch_stats), restored.get("batch_stats", {}))
-    params = serialization.from_state_dict(state.params, params)
-    state = state.replace(
-        params=params,
-        batch_stats=serialization.from_state_dict(state.batch_stats, stats),
-        opt_state=state.tx.init(params),
-    )
-    return state, replaced
+    merged = {col: merge(tree, source.get(col, {})) for col, tree in fresh.items()}
+    return merged, replaced

@@ -175,3 +175,46 @@ def test_googlenet_trains_its_auxiliary_heads():
     (logits_b, (aux1_b, _)), _ = train_forward(variables, jax.random.key(3))
     assert not np.allclose(aux1, aux1_b)  # dropout 0.7 in the head
     assert not np.allclose(logits, logits_b)  # dropout 0.2 before the fc
+
+
+def test_transform_input_is_torchvisions():
+    """`transform_input=True` remaps the input exactly as torchvision's GoogLeNet does for its
+    pretrained weights, and adds no variables."""
+    reason = "comparing with torchvision needs the torch extra: pip install 'flaxcnn[torch]'"
+    torch = pytest.importorskip("torch", reason=reason)
+    torchvision = pytest.importorskip("torchvision", reason=reason)
+    x = np.random.default_rng(0).standard_normal((2, 3, 9, 7)).astype(np.float32)  # NCHW
+    reference = torchvision.models.GoogLeNet(transform_input=True, init_weights=False)
+    expected = reference._transform_input(torch.from_numpy(x)).numpy()
+    ours = np.asarray(inception.imagenet_to_unit_range(jnp.asarray(x.transpose(0, 2, 3, 1))))
+    np.testing.assert_allclose(ours.transpose(0, 3, 1, 2), expected, rtol=1e-6, atol=1e-6)
+    assert not np.allclose(ours.transpose(0, 3, 1, 2), x)
+
+
+def test_transform_input_runs_before_the_first_convolution():
+    """The first convolution sees the remapped image (the network is stopped right there:
+    nothing is compiled), and the option adds no variables."""
+    x = jax.random.normal(jax.random.key(1), (2, 32, 32, 3))
+
+    class Seen(Exception):
+        pass
+
+    def first_conv_input(model):
+        def stop(next_fun, args, kwargs, context):
+            if isinstance(context.module, nn.Conv):
+                raise Seen(args[0])
+            return next_fun(*args, **kwargs)
+
+        with nn.intercept_methods(stop), pytest.raises(Seen) as seen:
+            model.apply({"params": {}}, x, train=False)
+        return seen.value.args[0]
+
+    plain = models.create("googlenet", num_classes=10)
+    remapped = models.create("googlenet", num_classes=10, transform_input=True)
+    chex.assert_trees_all_equal(first_conv_input(plain), x)
+    chex.assert_trees_all_equal(first_conv_input(remapped), inception.imagenet_to_unit_range(x))
+
+    def init(model):
+        return jax.eval_shape(lambda x: model.init(KEY, x, train=False), x)
+
+    chex.assert_trees_all_equal_shapes_and_dtypes(init(plain), init(remapped))
