@@ -57,6 +57,9 @@ print("REPORT " + json.dumps({
     "num_examples": result["num_examples"],
     "confusion_total": int(result["confusion_matrix"].sum()),
     "final_test_accuracy": test_metrics["accuracy"],
+    "have_torch": HAVE_TORCH,
+    "pretrained_top5": pretrained_top5,
+    "finetune_accuracy": None if finetune_metrics is None else finetune_metrics["accuracy"],
 }))
 """
 
@@ -202,7 +205,7 @@ def test_notebook_runs_in_smoke_mode(tmp_path):
     for png in (work / "loss_accuracy.png", work / "confusion_matrix.png"):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     shown = [out for out in outputs if "image/png" in out.get("data", {})]
-    assert len(shown) == 2
+    assert len(shown) == (3 if report["have_torch"] else 2)  # + the photo of section 7
     assert (data_dir / "digits").is_dir()  # DATA_DIR was used, not the default
 
     # Two epochs logged; the evaluation covered the whole digits test split with the best
@@ -215,3 +218,17 @@ def test_notebook_runs_in_smoke_mode(tmp_path):
     assert 0.0 <= report["top1"] <= report["top5"] <= 1.0
     assert report["top1"] == pytest.approx(max(tests.values()), abs=1e-6)
     assert tests[report["step"]] == pytest.approx(report["top1"], abs=1e-6)
+
+    # Section 7, where PyTorch is installed (the torch extra): torchvision's resnet18 (its
+    # random initialisation, offline) converted, five classes of a digit, one epoch of
+    # fine-tuning its classifier on the digits.
+    if report["have_torch"]:
+        assert "largest relative logit difference from torchvision's resnet18" in text
+        top5 = report["pretrained_top5"]
+        assert len(top5) == 5 and all(isinstance(name, str) for name, _ in top5)
+        assert [p for _, p in top5] == sorted((p for _, p in top5), reverse=True)
+        assert 0.0 <= report["finetune_accuracy"] <= 1.0
+        finetuned = json.loads((tmp_path / "resnet18-digits" / "config.json").read_text())
+        assert finetuned["freeze_backbone"] is True and finetuned["image_size"] == 65
+    else:
+        assert "skipped: converting torchvision's weights needs PyTorch" in text
