@@ -391,7 +391,12 @@ def verify(
                 expected = torch_model(torch.from_numpy(x)).numpy()
             actual = np.asarray(apply(device_variables, x.transpose(0, 2, 3, 1)))
             scale = float(np.abs(expected).max())
-            differences[size] = float(np.abs(actual - expected).max()) / max(scale, 1e-30)
+            if not scale > 1e-6:  # all (near) zero: a relative difference would mean nothing
+                raise ConversionError(
+                    f"torchvision's {arch} gives logits of at most {scale:.1e} at {size}x{size}: "
+                    "too small to compare (are these trained weights?)"
+                )
+            differences[size] = float(np.abs(actual - expected).max()) / scale
     finally:
         del torch_model
     return differences
@@ -460,7 +465,10 @@ def run(args: argparse.Namespace) -> list[str]:
     if options:
         lines.append("  options      " + ", ".join(f"{k}={v}" for k, v in options.items()))
     if args.verify:
-        difference = verify(args.arch, state_dict, variables, options, sizes=(224,))[224]
+        try:
+            difference = verify(args.arch, state_dict, variables, options, sizes=(224,))[224]
+        except ConversionError as e:
+            raise VerifyFailed(f"{source}: {e}; nothing written") from None
         if not difference <= VERIFY_TOLERANCE:
             raise VerifyFailed(
                 f"{source}: the converted {args.arch} differs from torchvision's by "

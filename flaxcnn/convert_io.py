@@ -235,7 +235,7 @@ def write_run(
     preprocessing and the source file) and `config.json`. Built in a hidden sibling and
     renamed into place when complete; UsageError, before anything is written, if `out` is
     not new (or an empty directory) or cannot be written."""
-    from flaxcnn.data import imagenet
+    from flaxcnn import imagenet
     from flaxcnn.training.build import Network
     from flaxcnn.training.checkpoint import Checkpoints
     from flaxcnn.training.rundir import CHECKPOINTS, CONFIG, absl_errors_only, write_json_atomic

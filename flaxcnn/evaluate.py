@@ -7,8 +7,12 @@ top-5 (with more than 5 classes) and per-class accuracy and draws the confusion 
 (rows: true class, columns: predicted), by default to `DIR/confusion_matrix.png`.
 
 The data and preprocessing are those of training, so top-1 equals the test accuracy the
-run logged at that step. One process, one device, one jitted function: evaluating a small
-test split needs no data parallelism, and a single device keeps the code obvious.
+run logged at that step. Weights converted from torchvision (`flaxcnn.convert`, on
+imagenet2012 where it is prepared) go through the same pipeline: the centre square resized
+to 224x224, not torchvision's shorter side to 256 and centre crop 224 (which
+`flaxcnn.predict` does use), so their top-1 differs a little from torchvision's figure.
+One process, one device, one jitted function: evaluating a small test split needs no data
+parallelism, and a single device keeps the code obvious.
 
 The run is only read: the checkpoints are opened read-only and the PNG is the one file
 written. jax, orbax and the data layer are imported inside the functions that use them, so
@@ -38,8 +42,8 @@ def build_model(meta: dict):
 
     try:
         return Network.from_meta(meta).create()
-    except ValueError as e:  # an architecture or option this version does not have
-        raise cli.UsageError(str(e)) from None
+    except (ValueError, TypeError) as e:  # an architecture or option this version lacks
+        raise cli.UsageError(str(e).splitlines()[0]) from None
 
 
 def load_test_split(meta: dict, data_dir: PathLike | None, skip_corrupt: bool = False):

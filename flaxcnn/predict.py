@@ -169,16 +169,6 @@ def preprocess(image: np.ndarray, preprocessing: dict, channels: int) -> np.ndar
 # ------------------------------------------------------------------------------- model
 
 
-def build_model(meta: dict):
-    """The network the checkpoint holds, without a data-parallel axis."""
-    from flaxcnn.training.build import Network
-
-    try:
-        return Network.from_meta(meta).create()
-    except (ValueError, TypeError) as e:  # an architecture or option this version lacks
-        raise cli.UsageError(str(e).splitlines()[0]) from None
-
-
 def class_labels(meta: dict) -> list[str]:
     """What each class is shown as: `class_descriptions` where present, else `class_names`."""
     num_classes = meta["num_classes"]
@@ -291,6 +281,8 @@ def predict(
     labels = class_labels(meta)
     preprocessing = resolve_preprocessing(meta, run.read_config())
     inputs = np.stack([preprocess(p, preprocessing, meta["in_channels"]) for p in pixels])
+    from flaxcnn.evaluate import build_model
+
     model = build_model(meta)
     probs = probabilities(model, variables, inputs, batch_size)
     return [top_classes(p, labels, top) for p in probs]

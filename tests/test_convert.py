@@ -21,9 +21,8 @@ import numpy as np
 import pytest
 import safetensors.numpy
 
-from flaxcnn import cli, convert, models
+from flaxcnn import cli, convert, imagenet, models
 from flaxcnn.convert_io import sha256
-from flaxcnn.data import imagenet
 from flaxcnn.training import warm_start
 from flaxcnn.training.rundir import RunDir
 

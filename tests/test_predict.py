@@ -21,9 +21,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from flaxcnn import cli, data
+from flaxcnn import cli, data, imagenet
 from flaxcnn import predict as pr
-from flaxcnn.data import imagenet
 from flaxcnn.training import TrainConfig, train
 from flaxcnn.training.build import Network
 from flaxcnn.training.checkpoint import Checkpoints

@@ -26,7 +26,7 @@ network does is map one onto the other, per channel c:
 
     x_c * (std_c / 0.5) + (mean_c - 0.5) / 0.5
 
-with `flaxcnn.data.imagenet.MEAN` and `STD`. It has no parameters; leave it off for
+with `flaxcnn.imagenet.MEAN` and `STD`. It has no parameters; leave it off for
 networks trained here.
 """
 
@@ -41,6 +41,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from flaxcnn import imagenet
 from flaxcnn.models import layers
 from flaxcnn.models.registry import ModelSpec, register
 
@@ -144,10 +145,7 @@ def imagenet_to_unit_range(x: Array) -> Array:
     """torchvision's `GoogLeNet._transform_input` on NHWC input: undo the ImageNet mean/std
     normalisation and scale to [-1, 1] instead, `x_c * (std_c / 0.5) + (mean_c - 0.5) / 0.5`
     (computed in at least float32)."""
-    # Imported here: the data package is slow to import and only this option needs it.
-    from flaxcnn.data.imagenet import MEAN, STD
-
-    mean, std = np.asarray(MEAN, np.float32), np.asarray(STD, np.float32)
+    mean, std = np.asarray(imagenet.MEAN, np.float32), np.asarray(imagenet.STD, np.float32)
     x = x.astype(jnp.promote_types(x.dtype, jnp.float32))
     return x * (std / 0.5) + (mean - 0.5) / 0.5
 
@@ -238,7 +236,7 @@ register(
         input_size=224,
         num_classes=1000,
         min_size=MIN_SIZE,
-        classifier=("fc", "aux1", "aux2"),
+        classifier=("fc",),  # the auxiliary heads only train with the whole network
         description="GoogLeNet (Inception v1), torchvision layout: BatchNorm, 3x3 in the "
         "'5x5' branch; aux_logits adds the two auxiliary classifiers",
     )

@@ -44,7 +44,12 @@ def header(setup: Setup, resumed_from: int | None) -> list[str]:
         listed = ", ".join(f"{k}={v}" for k, v in options.items())
         lines.insert(6, f"  options      {listed}")
     if c.init_from:
-        frozen = "; backbone frozen, only the classifier trains" if c.freeze_backbone else ""
+        frozen = (
+            "; backbone frozen: only the classifier trains, the rest in inference mode "
+            "(BatchNorm statistics kept, no dropout, no precise BN)"
+            if c.freeze_backbone
+            else ""
+        )
         lines.append(f"  init from    {c.init_from}{frozen}")
     if resumed_from is not None:
         lines.append(f"  resuming     from step {resumed_from}")

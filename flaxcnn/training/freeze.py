@@ -17,9 +17,33 @@ from typing import Any
 import jax
 import optax
 
+from flaxcnn import models
 from flaxcnn.cli import UsageError
+from flaxcnn.models import summary
+from flaxcnn.training.build import Network
 
 TRAIN, FROZEN = "train", "frozen"
+
+
+def trainable(network: Network, fresh: list[str]) -> Any:
+    """Which parameters of `network` a --freeze-backbone run trains: a tree of Python bools
+    shaped like its params, True only in the classifier. UsageError, before anything is
+    written, when a frozen layer would not come from the source (`fresh`, from
+    `warm_start.fresh_names`) or the options make no sense frozen."""
+    if network.options.get("aux_logits"):
+        raise UsageError(
+            "--freeze-backbone runs the network in inference mode, where GoogLeNet's "
+            "auxiliary classifiers are not used: leave out aux_logits=true"
+        )
+    params = summary.init_shapes(network.create(), network.input_shape())["params"]
+    spec = models.get_spec(network.arch)
+    try:
+        heads = head_layers(params, spec.classifier, network.num_classes)
+    except ValueError as e:
+        raise UsageError(f"--freeze-backbone: {e}") from None
+    mask = trainable_mask(params, heads)
+    check_loaded(mask, fresh)
+    return mask
 
 
 def head_layers(params: Mapping[str, Any], classifier: tuple[str, ...], num_classes: int) -> list:
@@ -69,7 +93,7 @@ def mask_optimizer(tx: optax.GradientTransformation, mask: Any) -> optax.Gradien
 
 def check_loaded(mask: Any, replaced: list[str]) -> None:
     """UsageError when a layer that would stay frozen was not loaded from the source (it
-    would keep its random initialisation): e.g. a stem of another size."""
+    would keep its random initialisation): a stem of another size (the small-input stem)."""
     flat_mask = {
         jax.tree_util.keystr(p): m for p, m in jax.tree_util.tree_flatten_with_path(mask)[0]
     }
@@ -87,7 +111,3 @@ def check_loaded(mask: Any, replaced: list[str]) -> None:
 def _readable(keystr: str) -> str:
     """ "['params']['conv1']['kernel']"-style paths as conv1/kernel."""
     return "/".join(part.strip("'\"") for part in keystr.strip("[]").split("]["))
-
-
-def describe(heads: list) -> str:
-    return ", ".join("/".join(h) for h in heads)

@@ -22,7 +22,7 @@ import jax
 import numpy as np
 from flax import serialization
 
-from flaxcnn import data, models
+from flaxcnn import data
 from flaxcnn.cli import UsageError
 from flaxcnn.models.parsing import parse_options
 from flaxcnn.training import (
@@ -87,7 +87,7 @@ def train(
         warm_start.check_options(config.init_from, source[1], setup.network)
         loaded = warm_start.read(source[0])
         fresh = warm_start.fresh_names(loaded, setup.network)
-    trainable = frozen_backbone_mask(setup, fresh)
+    trainable = freeze.trainable(setup.network, fresh) if config.freeze_backbone else None
 
     run.create()
     primary = jax.process_index() == 0
@@ -104,23 +104,6 @@ def train(
             if replaced:
                 trainer.out(f"--init-from: re-initialised {', '.join(replaced)} (shape differs)")
             return trainer.fit()
-
-
-def frozen_backbone_mask(setup: Setup, fresh: list[str]):
-    """With --freeze-backbone, which parameters train (a tree of bools, True only in the
-    classifier); else None. UsageError when a frozen layer would not come from the source."""
-    if not setup.config.freeze_backbone:
-        return None
-    network = setup.network
-    model = network.create()
-    shapes = jax.eval_shape(
-        lambda: model.init(jax.random.key(0), jax.numpy.zeros(network.input_shape()), train=False)
-    )
-    spec = models.get_spec(network.arch)
-    heads = freeze.head_layers(shapes["params"], spec.classifier, network.num_classes)
-    mask = freeze.trainable_mask(shapes["params"], heads)
-    freeze.check_loaded(mask, fresh)
-    return mask
 
 
 def resume_settings(

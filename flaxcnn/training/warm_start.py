@@ -22,6 +22,7 @@ from flax import serialization
 
 from flaxcnn import models
 from flaxcnn.cli import UsageError
+from flaxcnn.models import summary
 from flaxcnn.training.build import Network
 from flaxcnn.training.checkpoint import Checkpoints, damage, read_meta_file
 from flaxcnn.training.rundir import CHECKPOINTS, checkpoint_steps
@@ -88,10 +89,7 @@ def read(directory: Path) -> dict[str, Any]:
 def fresh_names(source: dict[str, Any], network: Network) -> list[str]:
     """The parameters and statistics of `network` that `source` cannot provide (missing, or of
     another shape), as `load` will name them; from shapes alone, nothing is computed."""
-    model = network.create()
-    shapes = jax.eval_shape(
-        lambda: model.init(jax.random.key(0), jax.numpy.zeros(network.input_shape()), train=False)
-    )
+    shapes = summary.init_shapes(network.create(), network.input_shape())
     fresh = {"params": shapes["params"], "batch_stats": shapes.get("batch_stats", {})}
     return _merge_all(fresh, source)[1]
 

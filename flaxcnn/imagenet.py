@@ -21,7 +21,7 @@ STD = (0.229, 0.224, 0.225)
 
 @functools.cache
 def _table() -> tuple[tuple[str, str], ...]:
-    text = resources.files("flaxcnn.data").joinpath("imagenet_classes.tsv").read_text()
+    text = resources.files("flaxcnn").joinpath("imagenet_classes.tsv").read_text()
     rows = tuple(tuple(line.split("\t")) for line in text.splitlines() if line)
     if len(rows) != 1000:
         raise RuntimeError(f"imagenet_classes.tsv has {len(rows)} classes, not 1000")
