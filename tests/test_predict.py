@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from flaxcnn import cli, data, imagenet
+from flaxcnn import cli, convert, data, imagenet
 from flaxcnn import predict as pr
 from flaxcnn.training import TrainConfig, train
 from flaxcnn.training.build import Network
@@ -144,7 +144,7 @@ def photos(tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def imagenet_run(tmp_path_factory) -> dict:
-    """A converted-like run: random ResNet-18 variables with torchvision ImageNet metadata."""
+    """Random ResNet-18 variables written as `flaxcnn.convert` writes converted weights."""
     network = Network(arch="resnet18", num_classes=1000, image_size=224, in_channels=3)
     model = network.create()
     # The parameters do not depend on the input's size: initialise at 32x32, much faster.
@@ -152,14 +152,13 @@ def imagenet_run(tmp_path_factory) -> dict:
         jax.random.key(0), np.zeros((1, 32, 32, 3), np.float32), train=False
     )
     variables = jax.tree.map(np.asarray, dict(variables))
-    meta = {
-        **network.meta(),
-        "class_names": imagenet.wordnet_ids(),
-        "class_descriptions": imagenet.class_names(),
-        "dataset": imagenet.DATASET,
-        "preprocessing": imagenet.preprocessing(),
-    }
-    workdir = save_run(tmp_path_factory.mktemp("runs") / "resnet18-imagenet", variables, meta)
+    folder = tmp_path_factory.mktemp("runs")
+    source = folder / "resnet18.pth"  # only named and hashed in the metadata
+    source.write_bytes(b"weights")
+    workdir = convert.write_run(folder / "resnet18-imagenet", "resnet18", variables, {}, source)
+    _, meta, _ = RunDir(workdir).restore_variables()
+    assert meta["class_descriptions"] == imagenet.class_names()
+    assert meta["preprocessing"] == imagenet.preprocessing()
     return {"workdir": workdir, "model": model, "variables": variables, "meta": meta}
 
 
