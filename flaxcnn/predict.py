@@ -41,9 +41,6 @@ from flaxcnn import cli
 PathLike = str | os.PathLike
 DEFAULT_TOP = 5
 DEFAULT_BATCH_SIZE = 32
-# Pillow modes read as one grayscale channel; "I" modes (16/32-bit) are scaled, the others
-# converted to "L". Everything else (RGB, RGBA, P, CMYK, YCbCr, ...) is converted to RGB.
-GRAY_MODES = frozenset({"1", "L", "LA", "La", "F"})
 
 
 # ------------------------------------------------------------------------------- images
@@ -51,8 +48,9 @@ GRAY_MODES = frozenset({"1", "L", "LA", "La", "F"})
 
 def load_image(path: PathLike) -> np.ndarray:
     """A uint8 HxWxC array of the image file as displayed (EXIF orientation applied): RGB,
-    or one channel for grayscale; UsageError naming the file when it cannot be read."""
-    from PIL import Image, ImageOps, UnidentifiedImageError
+    or one channel for grayscale, decoded as folder data sets decode their images;
+    UsageError naming the file when it cannot be read."""
+    from flaxcnn.data.folder import StoragePlan, UnreadableImage, read_header, read_image
 
     path = Path(path)
     if not path.exists():
@@ -60,19 +58,10 @@ def load_image(path: PathLike) -> np.ndarray:
     if path.is_dir():
         raise cli.UsageError(f"image {path} is a directory")
     try:
-        with Image.open(path) as image:
-            image = ImageOps.exif_transpose(image)
-            if image.mode.startswith("I"):  # 16/32-bit grayscale: 0..65535 to 0..255
-                pixels = np.asarray(image, dtype=np.float64) / 257.0
-                return np.clip(np.rint(pixels), 0, 255).astype(np.uint8)[..., None]
-            converted = image.convert("L" if image.mode in GRAY_MODES else "RGB")
-            pixels = np.asarray(converted, dtype=np.uint8)
-    except UnidentifiedImageError:
-        raise cli.UsageError(f"cannot read image {path}: not an image file Pillow knows") from None
-    except Exception as error:  # Pillow raises many types for bad files
-        reason = str(error).splitlines()[0] if str(error).strip() else type(error).__name__
-        raise cli.UsageError(f"cannot read image {path}: {reason}") from None
-    return pixels[..., None] if pixels.ndim == 2 else pixels
+        width, height, grayscale = read_header(path)
+        return read_image(path, StoragePlan(height, width, 1 if grayscale else 3, resize_to=None))
+    except UnreadableImage as e:  # "cannot read image PATH: reason"
+        raise cli.UsageError(str(e)) from None
 
 
 def resize_shorter(image: np.ndarray, size: int) -> np.ndarray:

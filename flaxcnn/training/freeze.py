@@ -19,23 +19,22 @@ import optax
 
 from flaxcnn import models
 from flaxcnn.cli import UsageError
-from flaxcnn.models import summary
 from flaxcnn.training.build import Network
 
 TRAIN, FROZEN = "train", "frozen"
 
 
-def trainable(network: Network, fresh: list[str]) -> Any:
-    """Which parameters of `network` a --freeze-backbone run trains: a tree of Python bools
-    shaped like its params, True only in the classifier. UsageError, before anything is
-    written, when a frozen layer would not come from the source (`fresh`, from
-    `warm_start.fresh_names`) or the options make no sense frozen."""
+def trainable(network: Network, params: Any, fresh: list[str]) -> Any:
+    """Which parameters of `network` (`params`: their shapes, as `Setup.shapes` holds them) a
+    --freeze-backbone run trains: a tree of Python bools shaped like them, True only in the
+    classifier. UsageError, before anything is written, when a frozen layer would not come
+    from the source (`fresh`, from `warm_start.fresh_names`) or the options make no sense
+    frozen."""
     if network.options.get("aux_logits"):
         raise UsageError(
             "--freeze-backbone runs the network in inference mode, where GoogLeNet's "
             "auxiliary classifiers are not used: leave out aux_logits=true"
         )
-    params = summary.init_shapes(network.create(), network.input_shape())["params"]
     spec = models.get_spec(network.arch)
     try:
         heads = head_layers(params, spec.classifier, network.num_classes)

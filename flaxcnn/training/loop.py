@@ -86,8 +86,10 @@ def train(
     elif source is not None:
         warm_start.check_options(config.init_from, source[1], setup.network)
         loaded = warm_start.read(source[0])
-        fresh = warm_start.fresh_names(loaded, setup.network)
-    trainable = freeze.trainable(setup.network, fresh) if config.freeze_backbone else None
+        fresh = warm_start.fresh_names(loaded, setup.shapes)
+    trainable = None
+    if config.freeze_backbone:
+        trainable = freeze.trainable(setup.network, setup.shapes["params"], fresh)
 
     run.create()
     primary = jax.process_index() == 0

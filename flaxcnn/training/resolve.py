@@ -38,6 +38,7 @@ class Setup:
     config: TrainConfig
     dataset: data.Dataset
     network: Network
+    shapes: dict[str, Any]  # every variable collection's shapes, from one abstract init
     params: int
     workdir: Path
     batch_size: int
@@ -143,9 +144,10 @@ def prepare(config: TrainConfig) -> Setup:
         options=model_options(config, automatic),
     )
     try:  # abstract evaluation: the models check their input size here, in a second
-        params = summary.count_params(network.create(), network.input_shape())
+        shapes = summary.init_shapes(network.create(), network.input_shape())
     except ValueError as e:
         raise UsageError(str(e)) from None
+    params = summary.tree_size(shapes["params"])
 
     devices, num_train = jax.device_count(), dataset.info.num_train
     batch_size = config.batch_size or default_batch_size(num_train, devices)
@@ -171,6 +173,7 @@ def prepare(config: TrainConfig) -> Setup:
         config=config,
         dataset=dataset,
         network=network,
+        shapes=shapes,
         params=params,
         workdir=Path(config.workdir) if config.workdir else default_workdir(config),
         batch_size=batch_size,

@@ -22,7 +22,6 @@ from flax import serialization
 
 from flaxcnn import models
 from flaxcnn.cli import UsageError
-from flaxcnn.models import summary
 from flaxcnn.training.build import Network
 from flaxcnn.training.checkpoint import Checkpoints, damage, read_meta_file
 from flaxcnn.training.rundir import CHECKPOINTS, checkpoint_steps
@@ -86,10 +85,10 @@ def read(directory: Path) -> dict[str, Any]:
     return {"params": restored.get("params", {}), "batch_stats": restored.get("batch_stats", {})}
 
 
-def fresh_names(source: dict[str, Any], network: Network) -> list[str]:
-    """The parameters and statistics of `network` that `source` cannot provide (missing, or of
-    another shape), as `load` will name them; from shapes alone, nothing is computed."""
-    shapes = summary.init_shapes(network.create(), network.input_shape())
+def fresh_names(source: dict[str, Any], shapes: dict[str, Any]) -> list[str]:
+    """The parameters and statistics of the new network (its variable `shapes`, as
+    `Setup.shapes` holds them) that `source` cannot provide (missing, or of another shape),
+    as `load` will name them; from shapes alone, nothing is computed."""
     fresh = {"params": shapes["params"], "batch_stats": shapes.get("batch_stats", {})}
     return _merge_all(fresh, source)[1]
 

@@ -36,14 +36,19 @@ def test_every_architecture_names_its_classifier(arch):
     )
 
 
+def param_shapes(network: Network):
+    return summary.init_shapes(network.create(), network.input_shape())["params"]
+
+
 def test_auxiliary_heads_and_missing_layers_are_refused():
     googlenet = Network("googlenet", 7, 64, 3, options={"aux_logits": True})
     with pytest.raises(UsageError, match="leave out aux_logits=true"):
-        freeze.trainable(googlenet, [])
+        freeze.trainable(googlenet, param_shapes(googlenet), [])
     resnet = Network("resnet20", 7, 32, 3)
     with pytest.raises(UsageError, match=r"conv1/kernel cannot come from --init-from"):
-        freeze.trainable(resnet, ["['conv1']['kernel']", "['fc']['kernel']"])
-    assert freeze.trainable(resnet, ["['fc']['kernel']", "['fc']['bias']"]) is not None
+        freeze.trainable(resnet, param_shapes(resnet), ["['conv1']['kernel']", "['fc']['kernel']"])
+    fresh = ["['fc']['kernel']", "['fc']['bias']"]
+    assert freeze.trainable(resnet, param_shapes(resnet), fresh) is not None
 
 
 def moved_statistics(state):
@@ -62,7 +67,7 @@ def moved_statistics(state):
 @pytest.mark.parametrize("strategy", parallel.STRATEGIES)
 def test_a_frozen_step_trains_only_the_classifier_in_inference_mode(strategy):
     network = Network("resnet20", 10, 16, 3)
-    mask = freeze.trainable(network, [])
+    mask = freeze.trainable(network, param_shapes(network), [])
     schedule = optax.constant_schedule(0.5)
     tx = freeze.mask_optimizer(optim.make_optimizer("sgd", schedule, weight_decay=0.1), mask)
     state = moved_statistics(create_train_state(network, tx, seed=0))
