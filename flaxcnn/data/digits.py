@@ -20,8 +20,6 @@ from typing import ClassVar
 
 import numpy as np
 import tensorflow_datasets as tfds
-from sklearn.datasets import load_digits as sklearn_digits
-from sklearn.model_selection import train_test_split
 
 from flaxcnn.data.builders import dataset_from_builder, prepare_array_record
 from flaxcnn.data.dataset import Dataset
@@ -40,13 +38,17 @@ SPLIT_SEED = 0
 
 def digit_images() -> tuple[np.ndarray, np.ndarray]:
     """All 1,797 digits as uint8 (N, 8, 8, 1) images and int labels."""
-    bunch = sklearn_digits()
+    from sklearn.datasets import load_digits  # 2 s of imports: only when preparing the set
+
+    bunch = load_digits()
     images = np.rint(bunch.images * (255.0 / 16.0)).astype(np.uint8)[..., None]
     return images, bunch.target.astype(np.int64)
 
 
 def split_indices(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The fixed stratified train/test split, as sorted indices into the scikit-learn set."""
+    from sklearn.model_selection import train_test_split
+
     train, test = train_test_split(
         np.arange(len(labels)),
         test_size=TEST_FRACTION,

@@ -13,7 +13,6 @@ import os
 from pathlib import Path
 
 import numpy as np
-from sklearn.model_selection import train_test_split
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg"})
 TEST_DIR = "test"
@@ -87,6 +86,8 @@ def _stratified_split(
             f"{where}: class {too_few[0]!r} has fewer than 2 images, too few to hold one out "
             f"for testing; add images or a {TEST_DIR}/ subdirectory with the test split"
         )
+    from sklearn.model_selection import train_test_split  # 2 s of imports: only here
+
     train, test = train_test_split(
         np.arange(len(examples)), test_size=TEST_FRACTION, stratify=labels, random_state=SPLIT_SEED
     )
