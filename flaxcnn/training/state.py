@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from typing import Any
 
@@ -12,6 +11,8 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 from flax.training import train_state
+
+from flaxcnn import xla_flags
 
 
 class TrainState(train_state.TrainState):
@@ -49,21 +50,7 @@ def create_state(
     return compile_once(init)()
 
 
-# XLA:CPU compiles with LLVM at -O3. The initialiser runs once and is mostly threefry's
-# integer hashing of random bits: at -O2 it compiles 2-3x faster (resnet20: 4.6 -> 1.8 s,
-# googlenet: 16 -> 11 s on a 2-core Xeon) into the same bits, which tests/training/
-# test_state.py checks. The steps, which run thousands of times, keep XLA's default.
-CPU_INIT_OPTIONS = {"xla_backend_optimization_level": 2}
-
-
-def init_compiler_options(backend: str, xla_flags: str) -> dict[str, Any] | None:
-    """`CPU_INIT_OPTIONS` on CPU, less any option the user's XLA_FLAGS set themselves."""
-    if backend != "cpu":
-        return None
-    return {k: v for k, v in CPU_INIT_OPTIONS.items() if k not in xla_flags} or None
-
-
 def compile_once(fn: Callable[[], Any]) -> Callable[[], Any]:
-    """`fn` (no arguments) compiled for a single call, with `init_compiler_options`."""
-    options = init_compiler_options(jax.default_backend(), os.environ.get("XLA_FLAGS", ""))
+    """`fn` (no arguments) compiled for a single call, with flaxcnn's options for that."""
+    options = xla_flags.compile_once_options(jax.default_backend())
     return jax.jit(fn).lower().compile(compiler_options=options)
