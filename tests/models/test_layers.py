@@ -1,4 +1,5 @@
 import itertools
+from collections import Counter
 
 import jax
 import jax.numpy as jnp
@@ -125,4 +126,7 @@ def test_resnet_projections_take_the_pointwise_path(monkeypatch):
     )
     model = models.create("resnet50", num_classes=10, small_stem=True)
     jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), jnp.ones((1, 8, 8, 3)))
-    assert seen.count("pointwise") >= 36  # 3 per bottleneck x 16, minus none
+    # 53 convolutions, each traced once. Pointwise: conv1 and conv3 of the 16 bottlenecks
+    # and the 4 projections. Taps: the 3x3 conv2 wherever its input is under 3x3 (2x2 in
+    # layer3_1..5 and layer4_0, 1x1 in layer4_1..2). XLA's: the 3x3 stem and the other 3x3s.
+    assert Counter(seen) == {"pointwise": 2 * 16 + 4, "taps": 5 + 3, None: 1 + 3 + 4 + 1}

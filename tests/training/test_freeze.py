@@ -47,8 +47,14 @@ def test_auxiliary_heads_and_missing_layers_are_refused():
     resnet = Network("resnet20", 7, 32, 3)
     with pytest.raises(UsageError, match=r"conv1/kernel cannot come from --init-from"):
         freeze.trainable(resnet, param_shapes(resnet), ["['conv1']['kernel']", "['fc']['kernel']"])
+    # A new classifier (another number of classes) is fine: it is the layer that trains.
     fresh = ["['fc']['kernel']", "['fc']['bias']"]
-    assert freeze.trainable(resnet, param_shapes(resnet), fresh) is not None
+    params = param_shapes(resnet)
+    mask = freeze.trainable(resnet, params, fresh)
+    assert jax.tree.structure(mask) == jax.tree.structure(params)  # an entry per parameter
+    flat = jax.tree_util.tree_flatten_with_path(mask)[0]
+    assert all(type(trains) is bool for _, trains in flat)
+    assert {jax.tree_util.keystr(path) for path, trains in flat if trains} == set(fresh)
 
 
 def moved_statistics(state):
