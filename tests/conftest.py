@@ -1,14 +1,54 @@
-"""Test-wide setup: four fake CPU devices, so multi-device code runs on any laptop."""
+"""Test-wide setup: four fake CPU devices, so multi-device code runs on any laptop, and one
+XLA compilation cache for the whole test run.
+
+Many tests compile the same programs (a LeNet-5 or ResNet-20 train step at the same shapes),
+in the xdist workers and in the `python -m flaxcnn.train` children they start. JAX's
+persistent compilation cache lets every compile after the first be a load. The cache lives
+in a fresh directory for each test run (shared by its workers and their children through
+the environment) and is removed at the end, so no test ever sees a program compiled by
+other code. `FLAXCNN_TEST_XLA_CACHE=0` turns it off (to measure the suite without it).
+"""
 
 import json
+import os
 import pathlib
+import shutil
+import tempfile
 
-import chex
-import pytest
+
+def _compilation_cache_dir() -> tuple[str | None, bool]:
+    """(the run's cache directory, whether this process owns it). The first pytest process
+    (the xdist controller, or a run without xdist) makes it; the workers it starts inherit
+    it through the environment."""
+    if os.environ.get("FLAXCNN_TEST_XLA_CACHE", "1").strip().lower() in ("0", "false", "no"):
+        return None, False
+    inherited = os.environ.get(_CACHE_VARIABLE)
+    if inherited:
+        return inherited, False
+    path = tempfile.mkdtemp(prefix="flaxcnn-test-xla-cache-")
+    os.environ[_CACHE_VARIABLE] = path
+    return path, True
+
+
+_CACHE_VARIABLE = "FLAXCNN_TEST_XLA_CACHE_DIR"
+# Before JAX is imported (chex imports it): JAX reads these when it starts.
+_CACHE, _OWNED = _compilation_cache_dir()
+if _CACHE is not None:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _CACHE
+    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.5"
+
+import chex  # noqa: E402
+import pytest  # noqa: E402
 
 chex.set_n_cpu_devices(4)
 
 REFERENCE = pathlib.Path(__file__).parent / "reference" / "torchvision.json"
+
+
+def pytest_sessionfinish(session):
+    """The process that made the run's cache removes it."""
+    if _OWNED:
+        shutil.rmtree(_CACHE, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
@@ -25,3 +65,36 @@ def digits_data_dir(tmp_path_factory) -> pathlib.Path:
 def reference() -> dict:
     """Published figures (torchvision 0.29, He et al. 2016), copied from shared/reference."""
     return json.loads(REFERENCE.read_text())
+
+
+@pytest.fixture(scope="session")
+def finished_run(digits_data_dir, tmp_path_factory) -> pathlib.Path:
+    """The workdir of one finished LeNet-5 run on the digits, with the trainer's defaults
+    but two epochs (batch 128: 11 steps an epoch, checkpoints at steps 11 and 22).
+
+    Trained once per test process for every test that only needs a finished run (plot,
+    evaluate, predict, --init-from, resume checks without a kill of their own). Read it
+    only: a test that changes a run works on `copy_run(finished_run)`.
+    """
+    from flaxcnn.training import TrainConfig, train
+
+    workdir = tmp_path_factory.mktemp("finished") / "lenet5-digits"
+    config = TrainConfig(
+        arch="lenet5", epochs=2, data_dir=str(digits_data_dir), workdir=str(workdir),
+        progress=False,
+    )  # fmt: skip
+    train(config, out=lambda line: None)
+    return workdir
+
+
+@pytest.fixture
+def copy_run(tmp_path):
+    """`copy_run(workdir, name="copy")`: a copy of a run directory (without its lock file)
+    in the test's temporary directory, to change or resume."""
+
+    def copy(workdir: pathlib.Path, name: str = "copy") -> pathlib.Path:
+        target = tmp_path / name
+        shutil.copytree(workdir, target, ignore=shutil.ignore_patterns(".lock"))
+        return target
+
+    return copy

@@ -1,10 +1,10 @@
 """`flaxcnn.predict`: top-k classes of image files from a run's checkpoint.
 
-Two run directories: one trained for real (LeNet-5, one epoch of the digits, whose
+Two run directories: one trained for real (the session's LeNet-5 run on the digits, whose
 predictions must equal the logits the data pipeline gives on the same test examples), and
 one "converted-like" (random ResNet-18 variables saved with the metadata torchvision's
 ImageNet weights get: 1000 WordNet ids, English descriptions, Resize(256)/CenterCrop(224)),
-made without training. Both are built once for the module and only read afterwards.
+made without training. Both are only read.
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ from PIL import Image
 
 from flaxcnn import cli, convert, data, imagenet
 from flaxcnn import predict as pr
-from flaxcnn.training import TrainConfig, train
 from flaxcnn.training.build import Network
 from flaxcnn.training.checkpoint import Checkpoints
 from flaxcnn.training.rundir import RunDir, write_json_atomic
@@ -82,12 +81,9 @@ def data_dir(digits_data_dir) -> Iterator[Path]:
 
 
 @pytest.fixture(scope="module")
-def lenet_run(data_dir, tmp_path_factory) -> Path:
-    """A finished one-epoch LeNet-5 run on the digits."""
-    workdir = tmp_path_factory.mktemp("runs") / "lenet5-digits"
-    config = TrainConfig(arch="lenet5", epochs=1, workdir=str(workdir), progress=False)
-    train(config, out=lambda line: None)
-    return workdir
+def lenet_run(data_dir, finished_run) -> Path:
+    """The session's finished LeNet-5 run on the digits (read only)."""
+    return finished_run
 
 
 @pytest.fixture(scope="module")
@@ -365,7 +361,7 @@ def test_cli_prints_top_classes_and_json(lenet_run, digits, capsys):
     assert snapshot(lenet_run) == before  # writes nothing
 
 
-def test_cli_bad_input_is_one_line_and_exit_code_2(lenet_run, digits, data_dir, tmp_path):
+def test_cli_bad_input_is_one_line_and_exit_code_2(lenet_run, digits, data_dir, tmp_path, capsys):
     text = tmp_path / "photo.jpg"
     text.write_text("this is text\n")
     empty = tmp_path / "empty-run"
@@ -382,25 +378,22 @@ def test_cli_bad_input_is_one_line_and_exit_code_2(lenet_run, digits, data_dir, 
         "unknown step": (["--workdir", run, "--step", "999", image], "no checkpoint at step 999"),
     }
     before = snapshot(lenet_run), sorted(p.name for p in tmp_path.iterdir())
-    env = {**os.environ, "TFDS_DATA_DIR": str(data_dir)}
-    pipe = subprocess.PIPE
-    # Started together: most of their time is Python starting up.
-    procs = {
-        name: subprocess.Popen(
-            [sys.executable, "-m", "flaxcnn.predict", *argv],
-            cwd=REPO,
-            env=env,
-            text=True,
-            stdout=pipe,
-            stderr=pipe,
-        )
-        for name, (argv, _) in cases.items()
-    }
-    for name, proc in procs.items():
-        out, err = proc.communicate(timeout=180)
-        assert proc.returncode == cli.EXIT_BAD_INPUT, (name, err)
+    for name, (argv, message) in cases.items():  # main(), as `python -m` runs it
+        with pytest.raises(SystemExit) as exit_:
+            pr.main(argv)
+        out, err = capsys.readouterr()
+        assert exit_.value.code == cli.EXIT_BAD_INPUT, (name, err)
         assert err.startswith("error: ") and err.count("\n") == 1, (name, err)
-        assert cases[name][1] in err and out == "", (name, err, out)
+        assert message in err and out == "", (name, err, out)
+    # One as a real process: the exit status, and nothing else on stderr.
+    argv, message = cases["text file"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "flaxcnn.predict", *argv], cwd=REPO, text=True,
+        capture_output=True, env={**os.environ, "TFDS_DATA_DIR": str(data_dir)}, timeout=180,
+    )  # fmt: skip
+    assert proc.returncode == cli.EXIT_BAD_INPUT, proc.stderr
+    assert proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1, proc.stderr
+    assert message in proc.stderr and proc.stdout == ""
     assert (snapshot(lenet_run), sorted(p.name for p in tmp_path.iterdir())) == before
 
 

@@ -69,9 +69,9 @@ def data_dir(digits_data_dir, monkeypatch) -> Path:
 
 
 def fine_tune(converted: Path, workdir: Path, out=lambda line: None, **settings) -> dict:
-    settings = {"epochs": 1, **settings}
+    settings = {"epochs": 1, "dataset": "digits", **settings}
     config = TrainConfig(
-        arch="resnet18", dataset="digits", init_from=str(converted), image_size=SIZE,
+        arch="resnet18", init_from=str(converted), image_size=SIZE,
         workdir=str(workdir), progress=False, **settings,
     )  # fmt: skip
     return train(config, out=out)
@@ -99,7 +99,16 @@ def test_frozen_backbone_trains_only_the_new_classifier(converted, data_dir, tmp
 
 
 def test_full_fine_tuning_moves_the_backbone(converted, data_dir, tmp_path):
-    result = fine_tune(converted, tmp_path / "full")
+    """A few steps on a small folder (3 classes of 8 images: 2 steps of 8) show it."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for label in ("a", "b", "c"):
+        (tmp_path / "imgs" / label).mkdir(parents=True)
+        for i in range(8):
+            pixels = rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(tmp_path / "imgs" / label / f"{i}.png")
+    result = fine_tune(converted, tmp_path / "full", dataset=f"folder:{tmp_path / 'imgs'}")
     assert np.isfinite(result["loss"])
     _, _, source = RunDir(converted).restore_variables()
     _, _, tuned = RunDir(tmp_path / "full").restore_variables()

@@ -12,10 +12,11 @@ import json
 
 import jax
 import numpy as np
+import optax
 import pytest
 
-from flaxcnn import evaluate
-from flaxcnn.training import TrainConfig, UsageError, train
+from flaxcnn.training import TrainConfig, UsageError, parallel, train
+from flaxcnn.training.build import Network, create_train_state
 from flaxcnn.training.rundir import RunDir
 
 
@@ -29,60 +30,58 @@ def quiet(line: str) -> None:
     pass
 
 
-def test_googlenet_aux_logits_train_with_their_losses_and_evaluate_without(
-    digits_data_dir, tmp_path
-):
-    cfg = config(
-        digits_data_dir, tmp_path, "g", arch="googlenet", epochs=1, batch_size=64,
-        model_options={"aux_logits": "true"}, seed=1, precise_bn=0, weight_decay=0,
+@pytest.mark.slow
+def test_googlenet_aux_heads_learn_through_the_train_step_and_evaluation_ignores_them():
+    """One step of the trainer's own train step (pmap over the session's four devices) on
+    a handful of images. The auxiliary heads only get gradients through the auxiliary
+    losses: with SGD without weight decay, the momentum after one step is the gradient,
+    and it must be non-zero somewhere in every parameter of both heads (and of the main
+    classifier). The evaluation step scores the main classifier alone."""
+    network = Network(
+        arch="googlenet", num_classes=10, image_size=32, in_channels=3,
+        options={"aux_logits": True},
     )  # fmt: skip
-    lines: list[str] = []
-    test = train(cfg, out=lines.append)
-    assert any("options      aux_logits=True" in line for line in lines)
-    saved = json.loads((tmp_path / "g" / "config.json").read_text())
-    assert saved["model_options"] == {"aux_logits": True}
+    state = create_train_state(network, optax.sgd(0.1, momentum=0.9), seed=0)
+    assert {"aux1", "aux2"} <= set(state.params)
+    par = parallel.make("pmap")
+    rng = np.random.default_rng(0)
+    images = rng.normal(size=network.input_shape(8)).astype(np.float32)
+    batch = {"image": images, "label": np.arange(8, dtype=np.int32)}
+    stepped, _ = par.train_step(par.put_state(state), par.put_batch(batch))
 
-    # The auxiliary heads only get gradients through the auxiliary losses. Without weight
-    # decay, SGD's momentum is a running sum of the gradients: it is zero for a parameter
-    # that no loss reaches, and must not be for any parameter of either head.
-    step, meta, trained = RunDir(tmp_path / "g").restore_variables()
-    assert meta["model_options"] == {"aux_logits": True}
-    assert {"aux1", "aux2"} <= set(trained["params"])
-    momentum = largest_momentum(tmp_path / "g", step)
-    assert set(momentum) == set(flat(trained["params"]))
+    momentum = par.get_state(stepped.opt_state)[0].trace
+    largest = {name: float(np.max(np.abs(value))) for name, value in named(momentum).items()}
+    assert set(largest) == set(named(state.params))
     for head in ("aux1", "aux2", "fc"):
-        of_head = {name: size for name, size in momentum.items() if name.startswith(f"{head}/")}
+        of_head = {name: size for name, size in largest.items() if name.startswith(f"{head}/")}
         assert of_head and min(of_head.values()) > 0, (head, of_head)
 
-    # Evaluation uses the main classifier alone, in the trainer and in flaxcnn.evaluate.
-    result = evaluate.evaluate_workdir(tmp_path / "g", step=step)
-    assert result["top1"] == pytest.approx(test["accuracy"])
+    # Evaluation scores the main classifier alone: heads replaced by noise change nothing.
+    def evaluate(state) -> dict[str, float]:
+        masked = par.put_batch({**batch, "mask": np.ones(8, bool)})
+        return par.get_metrics(par.eval_step(par.put_state(state), masked))
+
+    noise = {
+        head: jax.tree.map(lambda p: rng.normal(size=p.shape).astype(p.dtype), state.params[head])
+        for head in ("aux1", "aux2")
+    }
+    scored = evaluate(state)
+    assert np.isfinite(scored["loss"]) and scored["count"] == 8
+    assert evaluate(state.replace(params={**state.params, **noise})) == scored
 
 
-def flat(tree: dict) -> list[str]:
-    """The leaves' paths, "layer/.../kernel"."""
-    paths = [path for path, _ in jax.tree_util.tree_leaves_with_path(tree)]
-    return ["/".join(str(k.key) for k in path) for path in paths]
+def named(tree: dict) -> dict[str, np.ndarray]:
+    """The leaves by path, "layer/.../kernel"."""
+    return {
+        "/".join(str(k.key) for k in path): np.asarray(leaf)
+        for path, leaf in jax.tree_util.tree_leaves_with_path(tree)
+    }
 
 
-def largest_momentum(workdir, step: int) -> dict[str, float]:
-    """Largest |momentum| of each parameter ("layer/.../kernel") in the checkpoint at
-    `step`, read from the saved optimizer state (SGD's trace mirrors the parameters)."""
-    ckpts = RunDir(workdir).checkpoints()
-    try:
-        opt_state = ckpts.manager.restore(step)["state"]["opt_state"]
-    finally:
-        ckpts.close()
-    largest: dict[str, float] = {}
-    for path, value in jax.tree_util.tree_flatten_with_path(opt_state)[0]:
-        keys = [str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey)]
-        if "trace" in keys:
-            largest["/".join(keys[keys.index("trace") + 1 :])] = float(np.max(np.abs(value)))
-    assert largest, "no momentum in the saved optimizer state"
-    return largest
-
-
+@pytest.mark.slow
 def test_lenet5_paper_variant_reaches_97_percent_on_digits(digits_data_dir, tmp_path):
+    """A claim about training, so the trainer's whole default schedule: measured on a
+    2-core Xeon, 8 epochs reach 0.942 and 12 reach 0.964, short of 97%."""
     cfg = config(
         digits_data_dir, tmp_path, "l", arch="lenet5",
         model_options={"activation": "tanh", "pooling": "avg"},
@@ -95,10 +94,10 @@ def test_lenet5_paper_variant_reaches_97_percent_on_digits(digits_data_dir, tmp_
 
 def test_scanned_resnet_trains(digits_data_dir, tmp_path):
     cfg = config(
-        digits_data_dir, tmp_path, "s", arch="resnet20", image_size=8, epochs=3,
+        digits_data_dir, tmp_path, "s", arch="resnet20", image_size=8, epochs=1, batch_size=32,
         model_options={"scan_blocks": True},
     )  # fmt: skip
-    test = train(cfg, out=quiet)
+    test = train(cfg, out=quiet)  # 44 steps
     assert test["accuracy"] > 0.5, test
     _, _, variables = RunDir(tmp_path / "s").restore_variables()
     assert "layer1_rest" in variables["params"], list(variables["params"])

@@ -3,13 +3,14 @@
 2 processes x 1 CPU device must give the metrics of 1 process x 2 devices with the same
 global batch and seed. Each device then sees the same examples in the same order
 (`parallel.interleave`) and a sum over 2 devices does not depend on its order, so the two
-agree to the last bit in practice; the tolerance only allows for compiler differences,
-since training amplifies any rounding difference far beyond it within an epoch.
+agree to the last bit in practice. The comparison still allows for compiler differences
+(losses to 1e-5, accuracies to one example), since what is promised is the arithmetic,
+not the rounding of another CPU.
 
 Process 0 alone writes config.json, metrics.jsonl, TensorBoard events and the console
 output (the workdir is shared here, so a second writer would show as duplicate lines or
-files); both take part in orbax's checkpoints, and 2-process runs resume from them to the
-metrics of an uninterrupted run, also after a signal that only one process received.
+files); both take part in orbax's checkpoints, and a 2-process run stopped by a signal
+that only one process received resumes from them to the metrics of an uninterrupted run.
 """
 
 from __future__ import annotations
@@ -50,17 +51,10 @@ NOT_INHERITED = (
 
 
 @pytest.fixture(scope="module")
-def shared(tmp_path_factory, digits_data_dir) -> dict[str, Path]:
-    """The digits, prepared once before any run (no two processes racing to prepare
-    them), and a compilation cache that later runs reuse."""
-    root = tmp_path_factory.mktemp("multiprocess")
-    return {"data": digits_data_dir, "cache": root / "jax-cache"}
-
-
-@pytest.fixture(scope="module")
-def references() -> dict[str, list[dict]]:
-    """Metrics of uninterrupted 2-epoch runs of 1 process x 2 devices, by strategy."""
-    return {}
+def shared(digits_data_dir) -> dict[str, Path]:
+    """The digits, prepared once before any run (no two processes racing to prepare them).
+    The runs share the test session's compilation cache (tests/conftest.py)."""
+    return {"data": digits_data_dir}
 
 
 def environment(shared: dict[str, Path], devices: int) -> dict[str, str]:
@@ -75,9 +69,6 @@ def environment(shared: dict[str, Path], devices: int) -> dict[str, str]:
         JAX_PLATFORMS="cpu",
         XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
         TFDS_DATA_DIR=str(shared["data"]),
-        JAX_COMPILATION_CACHE_DIR=str(shared["cache"]),
-        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-        JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1",
     )
     return env
 
@@ -152,13 +143,19 @@ def records(workdir: Path) -> list[dict]:
 
 
 def assert_same_metrics(got: list[dict], want: list[dict]) -> None:
+    """The same rows; losses (and the learning rate) to float rounding, accuracies to one
+    example: a thresholded decision at a tie may flip under another program's rounding."""
     assert [(r["split"], r["epoch"], r["step"]) for r in got] == [
         (r["split"], r["epoch"], r["step"]) for r in want
     ]
     for a, b in zip(got, want, strict=True):
         assert a.keys() == b.keys()
-        for key in a.keys() - {"split"}:
-            np.testing.assert_allclose(a[key], b[key], rtol=1e-5, atol=1e-7, err_msg=f"{a}\n{b}")
+        examples = STEPS_PER_EPOCH * 64 if a["split"] == "train" else 360
+        for key in a.keys() - {"split", "epoch", "step"}:
+            if "accuracy" in key:
+                assert abs(a[key] - b[key]) * examples <= 1 + 1e-9, (key, a, b)
+            else:
+                np.testing.assert_allclose(a[key], b[key], rtol=1e-5, err_msg=f"{a}\n{b}")
 
 
 def assert_written_once(workdir: Path, lines: int, runs: int) -> None:
@@ -195,79 +192,55 @@ def run_reference(args: list[str], shared, workdir: Path) -> list[Run]:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["pmap", "shard_map"])
-def test_two_processes_train_like_one_with_two_devices(shared, references, tmp_path, strategy):
-    args = [*ARGS, "--parallel", strategy]
+def test_two_processes_train_like_one_with_two_devices_and_resume_after_a_signal(
+    shared, tmp_path, strategy
+):
+    """A 2-epoch run of 2 processes x 1 device beside one of 1 process x 2 devices.
+
+    SIGTERM goes to process 0 alone, after epoch 1: both save the same step and exit 143
+    (a process that stopped alone would leave the other waiting in a collective for ever).
+    Epoch 1's metrics are the reference's; resumed, the run ends with the reference's
+    metrics, each file written once."""
+    args = [*ARGS, "--parallel", strategy, "--epochs", "2"]
     one, two = tmp_path / "one", tmp_path / "two"
-    # The reference (2 epochs, 1 process x 2 devices) runs alongside the 2-process run.
-    reference = run_reference(args, shared, one)
-    pair = start(
-        [*args, "--epochs", "1", "--workdir", str(two)], shared, processes=2, devices=1,
-        logs=tmp_path / "logs-two",
-    )  # fmt: skip
-    finish([*pair, *reference])
-    want = references[strategy] = records(one)
-    assert [r["split"] for r in want] == ["train", "test"] * 2
-    assert want[-1]["accuracy"] > 0.3  # a model that learns, not one stuck at chance
-
-    assert_same_metrics(records(two), want[:2])
-    assert_written_once(two, lines=2, runs=1)
-    assert own_lines(pair[0].stdout)[-1].startswith("test accuracy: ")
-    assert "(2 process(es), 1 local)" in pair[0].stdout
-    assert own_lines(pair[1].stdout) == []  # process 1 prints nothing
-    # Every process took part in each save, and each was finished (no temporary dirs).
-    assert sorted(p.name for p in (two / "checkpoints").iterdir()) == ["10", "20", "22"]
-
-    # Both processes restore the checkpoint and the data position, and go on as one.
-    resumed = finish(
-        start(
-            [*args, "--epochs", "2", "--workdir", str(two)], shared, processes=2, devices=1,
-            logs=tmp_path / "logs-resumed",
-        )
-    )  # fmt: skip
-    assert f"resuming     from step {STEPS_PER_EPOCH}" in resumed[0].stdout
-    assert own_lines(resumed[1].stdout) == []
-    assert_same_metrics(records(two), want)
-    assert_written_once(two, lines=4, runs=2)
-    assert checkpoint_steps(two)[-1] == 2 * STEPS_PER_EPOCH
-
-
-@pytest.mark.slow
-def test_a_signal_to_one_process_stops_both_after_the_same_step(shared, references, tmp_path):
-    """SIGTERM to process 0 alone: both save the same step and exit 143 (a process that
-    stopped alone would leave the other waiting in a collective for ever); resuming gives
-    the uninterrupted run's metrics."""
-    args = [*ARGS, "--parallel", "pmap", "--epochs", "2"]
-    two = tmp_path / "two"
-    reference = []
-    if "pmap" not in references:
-        reference = run_reference([*ARGS, "--parallel", "pmap"], shared, tmp_path / "one")
+    reference = run_reference([*ARGS, "--parallel", strategy], shared, one)
     pair = start(
         [*args, "--workdir", str(two), "--checkpoint-every", "2"], shared, processes=2,
         devices=1, logs=tmp_path / "logs-two",
     )  # fmt: skip
     deadline = time.monotonic() + TIMEOUT_S
-    while not any(step >= 4 for step in checkpoint_steps(two)):
+    while not any(step > STEPS_PER_EPOCH for step in checkpoint_steps(two)):
         assert all(run.proc.poll() is None for run in pair), [run.report() for run in pair]
         assert time.monotonic() < deadline, "no checkpoint in time"
         time.sleep(0.02)
     pair[0].proc.send_signal(signal.SIGTERM)
     finish(pair, code=128 + signal.SIGTERM)
-    if reference:
-        finish(reference)
-        references["pmap"] = records(tmp_path / "one")
+    finish(reference)
+    want = records(one)
+    assert [r["split"] for r in want] == ["train", "test"] * 2
+    assert want[-1]["accuracy"] > 0.3  # a model that learns, not one stuck at chance
 
     stopped_at = checkpoint_steps(two)[-1]
-    assert 4 <= stopped_at < 2 * STEPS_PER_EPOCH, "the run was not interrupted mid-way"
+    assert STEPS_PER_EPOCH < stopped_at < 2 * STEPS_PER_EPOCH, "not interrupted mid-way"
     assert f"SIGTERM at step {stopped_at}: checkpoint saved" in pair[0].stdout
-    assert own_lines(pair[1].stdout) == []
+    assert "(2 process(es), 1 local)" in pair[0].stdout
+    assert own_lines(pair[1].stdout) == []  # process 1 prints nothing
+    assert_same_metrics(records(two), want[:2])
+    assert_written_once(two, lines=2, runs=1)
+    # Every process took part in each save, and each was finished (no temporary dirs).
+    assert all(p.name.isdigit() for p in (two / "checkpoints").iterdir())
 
+    # Both processes restore the checkpoint and the data position, and go on as one.
     resumed = finish(
         start([*args, "--workdir", str(two)], shared, processes=2, devices=1,
               logs=tmp_path / "logs-resumed")
     )  # fmt: skip
     assert f"resuming     from step {stopped_at}" in resumed[0].stdout
-    assert_same_metrics(records(two), references["pmap"])
+    assert own_lines(resumed[0].stdout)[-1].startswith("test accuracy: ")
+    assert own_lines(resumed[1].stdout) == []
+    assert_same_metrics(records(two), want)
     assert_written_once(two, lines=4, runs=2)
+    assert checkpoint_steps(two)[-1] == 2 * STEPS_PER_EPOCH
 
 
 @pytest.mark.parametrize(

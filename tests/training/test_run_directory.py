@@ -195,21 +195,21 @@ def test_one_run_per_workdir(lenet_run, env, tmp_path):
         pass
 
 
-def two_epoch_run(digits_data_dir, workdir: Path) -> TrainConfig:
-    cfg = TrainConfig(
+def two_epoch_run(finished_run: Path, copy_run, digits_data_dir) -> TrainConfig:
+    """A copy of the session's finished two-epoch LeNet-5 run, and its settings."""
+    workdir = copy_run(finished_run, "run")
+    return TrainConfig(
         arch="lenet5", epochs=2, seed=0, progress=False, data_dir=str(digits_data_dir),
         workdir=str(workdir),
     )  # fmt: skip
-    train(cfg, out=quiet)
-    return cfg
 
 
 @pytest.mark.parametrize("damage", ["flipped bytes", "truncated"])
 def test_a_damaged_checkpoint_is_set_aside_and_the_newest_intact_one_used(
-    damage, digits_data_dir, tmp_path
+    damage, digits_data_dir, finished_run, copy_run
 ):
-    workdir = tmp_path / "run"
-    cfg = two_epoch_run(digits_data_dir, workdir)
+    cfg = two_epoch_run(finished_run, copy_run, digits_data_dir)
+    workdir = Path(cfg.workdir)
     steps = RunDir(workdir).checkpoint_steps()
     assert steps == [11, 22]
     latest = workdir / "checkpoints" / "22"
@@ -232,9 +232,9 @@ def test_a_damaged_checkpoint_is_set_aside_and_the_newest_intact_one_used(
     assert RunDir(workdir).checkpoint_steps()[-1] == 33
 
 
-def test_metrics_file_damage_is_survived_and_reported(digits_data_dir, tmp_path):
-    workdir = tmp_path / "run"
-    cfg = two_epoch_run(digits_data_dir, workdir)
+def test_metrics_file_damage_is_survived_and_reported(digits_data_dir, finished_run, copy_run):
+    cfg = two_epoch_run(finished_run, copy_run, digits_data_dir)
+    workdir = Path(cfg.workdir)
     metrics = workdir / "metrics.jsonl"
     intact = metrics.read_text()
 
@@ -372,9 +372,9 @@ def test_no_resume_without_the_runs_settings_and_older_runs_keep_theirs(lenet_ru
         train(TrainConfig(arch="lenet5", workdir=str(workdir), epochs=3), out=quiet)
 
 
-def test_nothing_is_moved_when_no_checkpoint_restores(digits_data_dir, tmp_path):
-    workdir = tmp_path / "run"
-    cfg = two_epoch_run(digits_data_dir, workdir)
+def test_nothing_is_moved_when_no_checkpoint_restores(digits_data_dir, finished_run, copy_run):
+    cfg = two_epoch_run(finished_run, copy_run, digits_data_dir)
+    workdir = Path(cfg.workdir)
     for step in (11, 22):
         sums = workdir / "checkpoints" / str(step) / CHECKSUMS
         sums.write_text(sums.read_text().replace('"', "'"))  # unreadable: damaged
