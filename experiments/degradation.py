@@ -47,6 +47,9 @@ class Recipe:
     lr: float  # for this batch size (the trainer's --lr is per 256 and scaled)
     weight_decay: float
     warmup_epochs: float
+    # Batches over which BatchNorm statistics are recomputed before each evaluation; None:
+    # the trainer's default. Only --smoke sets it (0), to save each net a compile.
+    precise_bn: int | None = None
 
     def config(self, arch: str, seed: int, workdir: Path, data_dir: str | None):
         from flaxcnn.training import TrainConfig
@@ -67,13 +70,14 @@ class Recipe:
             seed=seed,
             workdir=str(workdir),
             progress=False,
+            **({} if self.precise_bn is None else {"precise_bn": self.precise_bn}),
         )
 
 
 def recipe_for(size: str) -> Recipe:
-    if size == "smoke":
-        return Recipe("digits", 8, (20,), epochs=1, batch_size=128, lr=0.1,
-                      weight_decay=1e-4, warmup_epochs=0.0)  # fmt: skip
+    if size == "smoke":  # 5 steps: what costs is compiling, once per net and function
+        return Recipe("digits", 8, (20,), epochs=1, batch_size=256, lr=0.1,
+                      weight_decay=1e-4, warmup_epochs=0.0, precise_bn=0)  # fmt: skip
     if size == "quick":
         return Recipe("digits", 32, (20, 56), epochs=8, batch_size=64, lr=0.05,
                       weight_decay=1e-4, warmup_epochs=0.0)  # fmt: skip

@@ -22,6 +22,7 @@ sys.path.insert(0, str(EXPERIMENTS))  # so tests can import the scripts' pure fu
 def run_experiment(tmp_path_factory, digits_data_dir: Path) -> Callable[..., tuple[dict, Path]]:
     """`record, out = run_experiment("NAME", *extra)`: run it with --smoke into a fresh
     directory; returns the parsed `NAME.json` and the directory holding the page and figures.
+    Its training runs' workdirs (metrics.jsonl, checkpoints) are under `out.parent / "work"`.
     Fails with the script's output if it exits non-zero."""
 
     def run(name: str, *extra: str, timeout: float = 300) -> tuple[dict, Path]:

@@ -23,6 +23,7 @@ def smoke(run_experiment) -> dict:
     return {"record": record, "page": (out / "bottleneck.md").read_text(), "dir": out}
 
 
+@pytest.mark.slow
 def test_course_figures_exact(smoke):
     course = smoke["record"]["data"]["course"]
     assert course["direct"]["macs"] == 160_563_200
@@ -37,6 +38,7 @@ def test_course_figures_exact(smoke):
     assert "The claim held as counted." in page
 
 
+@pytest.mark.slow
 def test_xla_counts_only_valid_taps(smoke):
     """XLA's flops are 2 x the MACs over the taps inside the unpadded input, exactly."""
     for kind in ("direct", "bottleneck"):
@@ -49,6 +51,7 @@ def test_xla_counts_only_valid_taps(smoke):
 
 
 @pytest.mark.parametrize("variant", ["paper", "torchvision"])
+@pytest.mark.slow
 def test_googlenet_modules_match_the_models_own_counts(smoke, variant):
     result = smoke["record"]["data"]["googlenet"][variant]
     net = models.create("googlenet", paper_5x5=result["paper_5x5"])
@@ -65,6 +68,7 @@ def test_googlenet_modules_match_the_models_own_counts(smoke, variant):
     assert result["network_without_reductions_macs"] > result["network_macs"]
 
 
+@pytest.mark.slow
 def test_module_inputs_and_a_hand_count(smoke):
     modules = smoke["record"]["data"]["googlenet"]["paper"]["modules"]
     assert modules["inception3a"]["input"] == [28, 28, 192]
@@ -75,6 +79,7 @@ def test_module_inputs_and_a_hand_count(smoke):
     assert modules["inception4a"]["b5_bottleneck_macs"] == 14 * 14 * (16 * 480 + 48 * 25 * 16)
 
 
+@pytest.mark.slow
 def test_page_has_full_section_with_empty_timing(smoke):
     page = smoke["page"]
     assert "python experiments/bottleneck.py --full" in page

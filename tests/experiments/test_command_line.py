@@ -10,6 +10,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPTS = sorted(p.stem for p in (ROOT / "experiments").glob("*.py") if p.stem != "harness")
+# Scripts that import jax and flaxcnn's models before they parse their arguments take 2.5-4 s
+# to say no; the quick lane keeps the two that answer in under a second.
+LIGHT = ("feature_maps", "parallel_speed")
 
 
 def test_every_experiment_is_covered():
@@ -17,7 +20,9 @@ def test_every_experiment_is_covered():
                        "parallel_speed", "zoo"]  # fmt: skip
 
 
-@pytest.mark.parametrize("name", SCRIPTS)
+@pytest.mark.parametrize(
+    "name", [pytest.param(n, marks=() if n in LIGHT else pytest.mark.slow) for n in SCRIPTS]
+)
 def test_unknown_argument_is_one_line_and_exit_2(name, tmp_path):
     proc = subprocess.run(
         [sys.executable, f"experiments/{name}.py", "--smoke", "--nope", "--out", str(tmp_path)],

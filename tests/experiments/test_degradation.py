@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +12,15 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 EXPERIMENTS = ROOT / "experiments"
+BATCH, STEPS = 256, 5  # --smoke: one epoch of the 1,437 training digits, remainder dropped
+
+
+def metrics_lines(workdir: Path) -> list[dict]:
+    return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+
+
+def assert_count(value: float) -> None:
+    assert value == pytest.approx(round(value), abs=1e-6) and value >= 0, value
 
 
 @pytest.mark.slow
@@ -19,12 +29,23 @@ def test_smoke_trains_both_nets_and_writes_the_page(run_experiment):
     data = record["data"]
     assert record["size"] == "smoke"
     assert [r["arch"] for r in data["runs"]] == ["plain20", "resnet20"]
+    assert data["recipe"]["batch_size"] == BATCH and data["recipe"]["epochs"] == 1
     for run in data["runs"]:
         assert run["params"] == 269_722  # option-A shortcuts add no parameters
-        curves = run["curves"]
-        assert curves["step"] == [11]  # one epoch of 1,437 digits in batches of 128
-        assert 0 <= run["final_train_error"] <= 1 and 0 <= run["final_test_error"] <= 1
-        assert run["final_train_error"] == pytest.approx(curves["train_error"][-1])
+        # The trainer's own log of this run, read here as plain JSON lines (not through the
+        # script's `curves`): one epoch, then one evaluation.
+        log = metrics_lines(out.parent / "work" / f"{run['arch']}-seed0")
+        (train,) = [r for r in log if r["split"] == "train"]
+        (test,) = [r for r in log if r["split"] == "test"]
+        assert train["epoch"] == test["epoch"] == 1 and train["step"] == test["step"] == STEPS
+        assert run["curves"]["step"] == [STEPS]
+        assert run["final_train_error"] == pytest.approx(1 - train["accuracy"], abs=1e-12)
+        assert run["final_train_loss"] == pytest.approx(train["loss"], rel=1e-12)
+        assert run["final_test_error"] == pytest.approx(1 - test["accuracy"], abs=1e-12)
+        # Errors are counts of examples: STEPS full batches seen, the 360 test digits.
+        assert_count(run["final_train_error"] * STEPS * BATCH)
+        assert_count(run["final_test_error"] * 360)
+        assert 0 < STEPS * BATCH / train["images_per_sec"] < run["seconds"]  # the epoch's time
     page = (out / "degradation.md").read_text()
     assert "![" in page and (out / "degradation.png").stat().st_size > 10_000
     # The full setting was not run: its measured column stays empty, the anchors are labelled.
@@ -69,6 +90,7 @@ def test_full_recipe_is_he_et_al():
 
 
 @pytest.mark.parametrize("argv", [["--smoke", "--full"], ["--seeds", "0"]])
+@pytest.mark.slow
 def test_bad_arguments_are_one_line_and_exit_2(argv, tmp_path):
     proc = subprocess.run(
         [sys.executable, str(EXPERIMENTS / "degradation.py"), *argv, "--out", str(tmp_path)],

@@ -22,8 +22,10 @@ def test_smoke_measures_filters_and_both_stacks(run_experiment):
     assert record["size"] == "smoke"
     filters, depth = record["data"]["filters"], record["data"]["depth"]
 
-    # Part 1: LeNet-5's six 5x5 filters, tuned against 16 edge directions.
-    assert filters["arch"] == "lenet5" and 0 <= filters["test_accuracy"] <= 1
+    # Part 1: LeNet-5's six 5x5 filters, tuned against 24 edge directions.
+    assert filters["arch"] == "lenet5" and filters["test_images"] == 360  # the whole split
+    correct = filters["test_accuracy"] * 360  # a count of digits (4 significant digits kept)
+    assert correct == pytest.approx(round(correct), abs=0.02) and 0 <= correct <= 360
     assert np.asarray(filters["filters"]).shape == (6, 5, 5)
     assert 0 <= filters["example_label"] <= 9 and "example" not in filters  # pixels: PNG only
     for state in ("trained", "init"):
@@ -31,10 +33,14 @@ def test_smoke_measures_filters_and_both_stacks(run_experiment):
         assert len(tun) == 6 and all(0 <= t["selectivity"] <= 1 for t in tun)
         assert np.asarray(filters[state]["responses"]).shape == (fm.N_DIRECTIONS, 6)
         corr = np.asarray(filters[state]["map_correlation"])
+        # A correlation matrix: symmetric, ones on the diagonal (no filter's map is constant
+        # over the 360 test digits), positive semi-definite (4 significant digits kept).
         assert corr.shape == (6, 6) and np.allclose(corr, corr.T)
+        np.testing.assert_allclose(np.diag(corr), 1.0, atol=1e-3)
+        assert np.linalg.eigvalsh(corr).min() > -1e-3 and np.all(np.abs(corr) <= 1 + 1e-9)
         off = np.abs(corr[~np.eye(6, dtype=bool)])
         assert filters[state]["mean_abs_correlation"] == pytest.approx(off.mean(), rel=1e-3)
-        assert np.all(np.abs(corr) <= 1 + 1e-9)
+        assert filters[state]["max_abs_correlation"] == pytest.approx(off.max(), rel=1e-3)
 
     # Part 2: one value per residual block, finite, at init only in smoke.
     assert set(depth["nets"]) == {"plain20", "resnet20"} and depth["trained_depths"] == []
@@ -45,16 +51,13 @@ def test_smoke_measures_filters_and_both_stacks(run_experiment):
             assert len(m["contrast"]) == len(m["share"]) == 9 and len(m["grad"]) == 10
             assert finite_positive(m["contrast"]) and finite_positive(m["grad"])
             assert all(0 < s <= 1 for s in m["share"])
-            ratio = m["contrast"][-1] / m["contrast"][0]
-            assert m["last_over_first"] == pytest.approx(ratio, rel=1e-3)  # 4 digits kept
-            assert m["first_layer_grad"] == m["grad"][0]
             assert "maps" not in m
+            # (what make_probe and summarise compute is checked on hand-made cases below)
     # Without normalisation (BatchNorm at its initial running statistics) a plain stack
     # shrinks the image where the shortcuts keep it: seed-0 initialisation, deterministic.
     plain, res = (depth["nets"][a]["init"]["running"] for a in ("plain20", "resnet20"))
     assert plain["last_over_first"] < 0.5 < res["last_over_first"]
 
-    out = out
     page = (out / "feature_maps.md").read_text()
     assert "no colour filter can be learned" in page and "--smoke" in page
     assert "| plain110 | 54 |  |  |  |  |  |  |  |" in page  # --full: not run, empty cells
@@ -122,6 +125,7 @@ def test_blocks_in_data_flow_order():
     assert fm.picked_blocks(56) == [0, 8, 17, 26]
 
 
+@pytest.mark.slow
 def test_probe_has_one_value_per_block():
     """Traced, not compiled (jax.eval_shape): the probe sees every block of a deep net."""
     import jax
@@ -165,3 +169,100 @@ def test_verdict_follows_the_numbers():
     assert summary.endswith("residual net's in: none; not in: at init, BatchNorm on batch "
                             "statistics (as trained); at init without normalisation (BatchNorm "
                             "at its initial statistics).")  # fmt: skip
+
+
+def test_summarise_scales_by_the_input_and_picks_the_headlines():
+    """Hand-made probe output: contrast relative to the input's, the ratio last/first block,
+    the first layer's gradient, the maps of the first block and the end of each stage."""
+    maps = [np.full((2, 2), float(i)) for i in range(9)]
+    raw = {"input_contrast": 2.0, "input_share": 0.5}
+    for mode, scale in zip(fm.BN_MODES, (1.0, 10.0), strict=True):
+        raw[mode] = {"loss": np.float32(2.5), "contrast": [scale * c for c in (1, 3, 0.5, 4)],
+                     "share": [0.25], "grad": [7.0, 1.0, 2.0], "maps": maps}  # fmt: skip
+    out = fm.summarise(raw, 20)  # 9 blocks: the pictures show blocks 0, 2, 5 and 8
+    assert (out["input_contrast"], out["input_share"]) == (2.0, 0.5)
+    batch, running = out["batch"], out["running"]
+    assert batch["contrast"] == [0.5, 1.5, 0.25, 2.0] and batch["last_over_first"] == 4.0
+    assert running["contrast"] == [5.0, 15.0, 2.5, 20.0] and running["last_over_first"] == 4.0
+    assert batch["first_layer_grad"] == 7.0 and batch["grad"] == [7.0, 1.0, 2.0]
+    assert batch["loss"] == 2.5 and batch["share"] == [0.25]
+    assert batch["maps"] == [[[v, v], [v, v]] for v in (0.0, 2.0, 5.0, 8.0)]
+    raw["batch"]["contrast"] = [0.0, 1.0]
+    assert fm.summarise(raw, 20)["batch"]["last_over_first"] == math.inf
+
+
+@pytest.mark.slow
+def test_probe_measures_what_a_direct_computation_gives():
+    """make_probe on a tiny CIFAR-style ResNet (a 3x3 stem and two 2-channel blocks, 4x4
+    images, random weights and statistics made here: nothing to compile for an init),
+    against block outputs and gradients computed here by another route: every intermediate
+    captured, plain `jax.grad` of optax's cross-entropy over the whole tree. And a property
+    from first principles: with BatchNorm on batch statistics the loss does not change when
+    the stem's kernel is scaled by c, so the gradient reaching it is divided by c."""
+    import jax
+    import optax
+
+    from flaxcnn.models import resnet
+
+    model = resnet.CifarResNet(
+        stage_sizes=(2,), block=resnet.BasicBlock, num_filters=2, num_classes=3
+    )
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((4, 4, 4, 3)).astype(np.float32)
+    y = np.array([0, 1, 2, 1])
+    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), x, train=False))
+
+    def draw(path, leaf):  # BatchNorm scales near 1 and shifts near 0: no ReLU stays dark
+        name = path[-1].key
+        if name == "scale":
+            return rng.uniform(0.5, 1.5, leaf.shape)
+        return (0.1 if name == "bias" else 1.0) * rng.standard_normal(leaf.shape)
+
+    params = jax.tree_util.tree_map_with_path(draw, shapes["params"])
+    stats = jax.tree.map(lambda s: rng.uniform(0.5, 2, s.shape), shapes["batch_stats"])
+    variables = {"params": params, "batch_stats": stats}
+    probe = fm.make_probe(model)
+    measured = probe(variables, x, y)
+
+    blocks = ["layer1_0", "layer1_1"]  # in data-flow order
+
+    @jax.jit
+    def direct(params):
+        out = {}
+        for mode in fm.BN_MODES:
+
+            def loss(params, train=mode == "batch"):
+                logits, state = model.apply(
+                    {"params": params, "batch_stats": stats}, x, train=train,
+                    capture_intermediates=True, mutable=["intermediates", "batch_stats"],
+                )  # fmt: skip
+                inter = state["intermediates"]
+                outputs = [inter[b]["__call__"][0] for b in blocks]
+                return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), outputs
+
+            out[mode] = jax.value_and_grad(loss, has_aux=True)(params)
+        return out
+
+    def norm(*trees) -> float:
+        return math.sqrt(sum(float(np.sum(np.square(a))) for a in jax.tree.leaves(trees)))
+
+    assert float(measured["input_contrast"]) == pytest.approx(x.std(axis=(1, 2)).mean(), rel=1e-5)
+    for mode, ((loss, outputs), grads) in direct(params).items():
+        m = measured[mode]
+        expected = [norm(grads["conv1"])]  # the stem conv (no bias), then each block's two
+        expected += [norm(grads[b]["conv1"], grads[b]["conv2"]) for b in blocks]
+        assert min(expected) > 1e-3, (mode, expected)  # every layer gets a gradient to compare
+        np.testing.assert_allclose(np.asarray(m["grad"]), expected, rtol=1e-5, err_msg=mode)
+        assert float(m["loss"]) == pytest.approx(float(loss), rel=1e-6)
+        for contrast, share, out in zip(m["contrast"], m["share"], outputs, strict=True):
+            out = np.asarray(out, np.float64)
+            spread = out.std(axis=(1, 2))  # over positions, per image and channel
+            assert float(contrast) == pytest.approx(spread.mean(), rel=1e-5), mode
+            rms = math.sqrt(np.mean(np.square(out)))
+            assert float(share) == pytest.approx(math.sqrt(np.mean(spread**2)) / rms, rel=1e-5)
+
+    scaled = {"params": {**params, "conv1": {"kernel": 3 * params["conv1"]["kernel"]}},
+              "batch_stats": stats}  # fmt: skip
+    again, before = probe(scaled, x, y)["batch"], measured["batch"]
+    assert float(again["grad"][0]) == pytest.approx(float(before["grad"][0]) / 3, rel=1e-3)
+    assert float(again["loss"]) == pytest.approx(float(before["loss"]), rel=1e-4)

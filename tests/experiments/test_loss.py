@@ -7,6 +7,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "experiments"))
@@ -45,6 +46,7 @@ def test_log_of_softmax_breaks_where_log_softmax_does_not():
     assert loss.count_share(6, 10_000_000) == "6 (6e-05%)"
 
 
+@pytest.mark.slow
 def test_smoke_run(run_experiment):
     record, out = run_experiment("loss")
     data = record["data"]

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from flaxcnn import imagenet
+
 nbformat = pytest.importorskip(
     "nbformat", reason="reading notebooks needs nbformat (pip install nbformat)"
 )
@@ -28,6 +30,9 @@ pytest.importorskip(
 
 ROOT = Path(__file__).resolve().parents[2]
 NOTEBOOK = ROOT / "experiments" / "colab.ipynb"
+STEPS = 22  # an epoch of the 1,437 training digits in SMOKE's batches of 64
+# The digits' test split (sklearn's stratified split of its 1,797 digits), class by class.
+DIGITS_TEST_LABEL_COUNTS = [36, 36, 35, 37, 36, 37, 36, 36, 35, 36]
 PARAMETERS = (
     "SMOKE",
     "DATASET",
@@ -43,6 +48,7 @@ PARAMETERS = (
 # Appended to the notebook under test: what the cells computed, as one line of JSON.
 REPORT = """\
 import json, sys
+import numpy as np
 print("REPORT " + json.dumps({
     "prefix": sys.prefix,
     "executable": sys.executable,
@@ -56,6 +62,10 @@ print("REPORT " + json.dumps({
     "step": result["step"],
     "num_examples": result["num_examples"],
     "confusion_total": int(result["confusion_matrix"].sum()),
+    "confusion_row_sums": result["confusion_matrix"].sum(axis=1).tolist(),
+    "test_label_counts": [int(n) for n in np.bincount(
+        [int(dataset.test[i]["label"]) for i in range(info.num_test)], minlength=10
+    )],
     "final_test_accuracy": test_metrics["accuracy"],
     "have_torch": HAVE_TORCH,
     "pretrained_top5": pretrained_top5,
@@ -212,12 +222,21 @@ def test_notebook_runs_in_smoke_mode(tmp_path):
     # checkpoint, so its top-1 is the highest test accuracy training logged, at that step.
     records = [json.loads(x) for x in (work / "metrics.jsonl").read_text().splitlines()]
     tests = {r["step"]: r["accuracy"] for r in records if r["split"] == "test"}
-    assert sorted(r["epoch"] for r in records if r["split"] == "train") == [1, 2]
+    train_records = [r for r in records if r["split"] == "train"]
+    assert [(r["epoch"], r["step"]) for r in train_records] == [(1, STEPS), (2, 2 * STEPS)]
     assert len(tests) == 2 and report["final_test_accuracy"] == tests[max(tests)]
     assert report["num_examples"] == report["confusion_total"] == 360
-    assert 0.0 <= report["top1"] <= report["top5"] <= 1.0
+    # Every test digit once: each true class's row holds as many as the split has (counted
+    # in the kernel from the data set's own labels).
+    assert report["confusion_row_sums"] == report["test_label_counts"]
+    assert report["test_label_counts"] == DIGITS_TEST_LABEL_COUNTS
     assert report["top1"] == pytest.approx(max(tests.values()), abs=1e-6)
     assert tests[report["step"]] == pytest.approx(report["top1"], abs=1e-6)
+    assert report["step"] in {STEPS, 2 * STEPS}  # the best of the two epochs' checkpoints
+    for accuracy in (report["top1"], report["top5"]):  # counts of the 360 test digits
+        assert accuracy * 360 == pytest.approx(round(accuracy * 360), abs=1e-6)
+    assert report["top1"] <= report["top5"] <= 1.0
+    assert f"  top-1 accuracy  {report['top1']:.4f}" in text
 
     # Section 7, where PyTorch is installed (the torch extra): torchvision's resnet18 (its
     # random initialisation, offline) converted, five classes of a digit, one epoch of
@@ -225,10 +244,19 @@ def test_notebook_runs_in_smoke_mode(tmp_path):
     if report["have_torch"]:
         assert "largest relative logit difference from torchvision's: " in text
         top5 = report["pretrained_top5"]
-        assert len(top5) == 5 and all(isinstance(name, str) for name, _ in top5)
+        names = imagenet.class_names()  # five distinct ImageNet classes, most probable first
+        assert len({name for name, _ in top5}) == 5 and all(name in names for name, _ in top5)
         assert [p for _, p in top5] == sorted((p for _, p in top5), reverse=True)
-        assert 0.0 <= report["finetune_accuracy"] <= 1.0
-        finetuned = json.loads((tmp_path / "resnet18-digits" / "config.json").read_text())
+        assert top5[-1][1] > 0 and sum(p for _, p in top5) <= 1 + 1e-6
+        finetuned_dir = tmp_path / "resnet18-digits"
+        finetuned = json.loads((finetuned_dir / "config.json").read_text())
         assert finetuned["freeze_backbone"] is True and finetuned["image_size"] == 65
+        logged = [json.loads(x) for x in (finetuned_dir / "metrics.jsonl").read_text().splitlines()]
+        assert [(r["split"], r["epoch"], r["step"]) for r in logged] == [
+            ("train", 1, STEPS), ("test", 1, STEPS)
+        ]  # fmt: skip
+        assert report["finetune_accuracy"] == logged[1]["accuracy"]
+        correct = report["finetune_accuracy"] * 360
+        assert correct == pytest.approx(round(correct), abs=1e-6)
     else:
         assert "skipped: converting torchvision's weights needs PyTorch" in text

@@ -15,6 +15,9 @@ sys.path.insert(0, str(ROOT / "experiments"))
 
 import one_by_one  # noqa: E402
 
+# Every test here takes seconds: the smoke run (8-10 s), or compiling the four forms (3 s).
+pytestmark = pytest.mark.slow
+
 FLOAT32_TOL = 1e-5  # relative; float32's eps is 1.2e-7
 
 

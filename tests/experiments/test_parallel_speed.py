@@ -1,15 +1,19 @@
 """experiments/parallel_speed.py: every method computes the same convolution, times are real."""
 
 import math
+import statistics
 import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "experiments"))
 
 import parallel_speed  # noqa: E402
+
+CROPS = (12, 24)  # the pure-Python loop's crops at --smoke
 
 
 def test_positions_of_the_course_example():
@@ -34,6 +38,7 @@ def test_busy_threads_counts_threads_with_a_real_share():
     assert parallel_speed.busy_threads(before, {"1": 3, "2": 2, "3": 1}) is None  # too short
 
 
+@pytest.mark.slow
 def test_smoke_run(run_experiment):
     record, out = run_experiment("parallel_speed")
     data = record["data"]
@@ -46,12 +51,34 @@ def test_smoke_run(run_experiment):
         for mode in ("one_core", "all_cores", "eigen_flag")
         for op in ("conv", "slices")
     ]
+    # The times are real: each median is the median of the calls timed (2 at --smoke), the
+    # row reports it, and the run as a whole took longer than every timed call together.
+    reps = data["reps"]
+    assert reps == 2
+    timed = {}  # (numpy's calls are not in the record, only their median)
+    for crop, python in zip(CROPS, data["python_crops"], strict=True):
+        assert python["crop"] == crop and len(python["times_s"]) == reps
+        assert python["median_s"] == statistics.median(python["times_s"])
+        assert python["per_position_s"] == python["median_s"] / (crop - 2) ** 2
+        timed[f"python{crop}"] = python
+    for mode, child in data["children"].items():
+        for op, result in child["results"].items():
+            assert len(result["times_s"]) == reps and result["first_call_s"] > 0, (mode, op)
+            assert result["median_s"] == statistics.median(result["times_s"]), (mode, op)
+            timed[f"{mode}/{op}"] = result
+    every_call = sum(sum(r["times_s"]) + r.get("first_call_s", 0) for r in timed.values())
+    assert 0 < every_call < record["seconds"]
+    assert rows["python"]["measured_s"] == data["python_crops"][-1]["median_s"]
     for key in cpu:
         row = rows[key]
         # Every method gives the pure-Python loop's output on the crop (float32 rounding).
         assert row["max_abs_diff"] < 1e-4, (key, row["max_abs_diff"])
-        assert math.isfinite(row["full_s"]) and row["full_s"] > 0
+        if key in timed:
+            assert row["measured_s"] == timed[key]["median_s"], key
+        assert row["measured_s"] > 0
         assert row["extrapolated"]  # a 500 x 500 image, scaled up to 9,998^2 positions
+        if key != "python":
+            assert row["positions_measured"] == 498**2, key
         # The extrapolation is linear in the positions.
         assert math.isclose(row["full_s"], row["measured_s"] / row["positions_measured"] * 9_998**2)
         assert math.isclose(row["speedup_vs_python"], rows["python"]["full_s"] / row["full_s"])
