@@ -59,12 +59,14 @@ def assert_close(ours, theirs, tol):
 
 
 def grads_and_state(module, v, x, dy):
+    """Loss, new statistics and the gradients of the parameters and the input, compiled as
+    training compiles them (and in one program: op by op, each small shape compiles alone)."""
+
     def loss(params, x):
         return loss_and_state(module, {**v, "params": params}, x, dy)
 
-    (value, stats), (dparams, dx) = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(
-        v["params"], x
-    )
+    value_and_grad = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))
+    (value, stats), (dparams, dx) = value_and_grad(v["params"], x)
     return value, stats, dparams, dx
 
 
@@ -136,7 +138,7 @@ def test_gradient_of_returned_statistics():
 
     ours = jax.grad(functools.partial(loss, lambda x: normalize_batch(x, scale, bias, 1e-5, None)))
     theirs = jax.grad(functools.partial(loss, reference))
-    assert_close(ours(x), theirs(x), 1e-5)
+    assert_close(jax.jit(ours)(x), jax.jit(theirs)(x), 1e-5)
 
 
 def per_device(module_cls, v, x, dy):
