@@ -165,6 +165,7 @@ def test_bad_arguments_raise_usage_error(kwargs, message):
         bench.plan(**kwargs)
 
 
+@pytest.mark.slow  # trains two epochs of the digits
 def test_loop_against_the_step(tmp_path, monkeypatch):
     """The trainer's loop on the digits at the step's network and batch; nothing left behind."""
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
@@ -196,6 +197,12 @@ def test_reference_without_torch_is_refused(monkeypatch):
         bench.reference_module("torch")
 
 
+# Run as `python -m flaxcnn.bench` in a process of their own: one case that stops before any
+# data code and one that imports the data layer (--loop), so that nothing an import prints
+# can slip past the one-line check. The others call the same `main` in this process.
+IN_A_PROCESS = {"unknown architecture 'resnt20'. Did you mean resnet20", "larger than the training"}
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [
@@ -209,14 +216,21 @@ def test_reference_without_torch_is_refused(monkeypatch):
         (["--arch", "lenet5", "--loop", "--batch-size", "2048"], "larger than the training"),
     ],
 )
-def test_bad_input_is_one_line_and_exit_2(argv, message):
-    proc = subprocess.run(
-        [sys.executable, "-m", "flaxcnn.bench", *argv], capture_output=True, text=True
-    )
-    assert proc.returncode == 2
-    assert proc.stdout == ""
-    assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("error: ")
-    assert message in proc.stderr
+def test_bad_input_is_one_line_and_exit_2(argv, message, capsys):
+    if message in IN_A_PROCESS:
+        proc = subprocess.run(
+            [sys.executable, "-m", "flaxcnn.bench", *argv], capture_output=True, text=True
+        )
+        code, stdout, stderr = proc.returncode, proc.stdout, proc.stderr
+    else:
+        with pytest.raises(SystemExit) as exit_:
+            bench.main(argv)
+        code = exit_.value.code
+        stdout, stderr = capsys.readouterr()
+    assert code == 2
+    assert stdout == ""
+    assert stderr.count("\n") == 1 and stderr.startswith("error: ")
+    assert message in stderr
 
 
 def test_reference_without_torch_exits_2():

@@ -126,6 +126,7 @@ def test_a_different_parameter_count_is_refused():
         bench_torch.check_twin(p.network, p.params + 1)
 
 
+@pytest.mark.slow  # a process that imports torch and jax; in-process: test_no_twin_is_refused
 def test_no_twin_exits_2_in_one_line():
     proc = subprocess.run(
         [

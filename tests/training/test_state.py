@@ -12,8 +12,14 @@ from flaxcnn.training import state as state_lib
 
 
 @pytest.mark.parametrize(
-    "arch, size", [("lenet5", 28), ("resnet20", 8), ("simple_cnn", 28), ("netresdeep", 16)]
-)
+    "arch, size",
+    # Each compiles its initialiser twice, once at XLA's -O3 (3-5 s). The quick lane keeps
+    # netresdeep: convolutions, dense layers and BatchNorm.
+    [pytest.param("lenet5", 28, marks=pytest.mark.slow),
+     pytest.param("resnet20", 8, marks=pytest.mark.slow),
+     pytest.param("simple_cnn", 28, marks=pytest.mark.slow),
+     ("netresdeep", 16)],
+)  # fmt: skip
 def test_the_initial_state_is_the_one_plain_jit_gives(arch, size, monkeypatch):
     """`create_state` compiles its initialiser at LLVM -O2 on CPU: every parameter,
     statistic and optimizer slot must have the bits of XLA's default (-O3) compile."""
