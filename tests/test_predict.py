@@ -273,6 +273,7 @@ def test_load_image_refuses_what_is_not_an_image(tmp_path):
 # ------------------------------------------------------------------------------- predictions
 
 
+@pytest.mark.slow
 def test_converted_weights_give_the_softmax_of_the_network(imagenet_run, photos):
     images = [photos["landscape"], photos["grayscale"]]
     results = pr.predict(imagenet_run["workdir"], images, top=5)

@@ -102,6 +102,7 @@ def test_augmented_global_batches_do_not_depend_on_the_process_count(digits):
         np.testing.assert_array_equal(stitched, whole[step]["image"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("worker_count", [0, 1])
 def test_resume_mid_epoch_gives_exactly_the_following_batches(digits, worker_count):
     pipe = pipeline(digits, global_batch_size=64, augment=True, worker_count=worker_count)

@@ -6,6 +6,8 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
+
 from flaxcnn import data
 from flaxcnn.data.bench import main as bench_main
 
@@ -35,6 +37,7 @@ raise ImportError("tensorflow tripwire")
 """
 
 
+@pytest.mark.slow
 def test_digits_and_folders_never_import_tensorflow(tmp_path, image_folder):
     folder = image_folder(per_class=4)
     script = tmp_path / "no_tf.py"

@@ -24,6 +24,7 @@ from flaxcnn.training import (
 from flaxcnn.training.rundir import RunDir
 
 
+@pytest.mark.slow
 def test_nonfinite_loss_raises_with_the_step_and_the_good_checkpoints(digits_data_dir, tmp_path):
     cfg = TrainConfig(
         arch="lenet5", lr=1e30, checkpoint_every=1, epochs=1, progress=False,
@@ -38,6 +39,7 @@ def test_nonfinite_loss_raises_with_the_step_and_the_good_checkpoints(digits_dat
     assert str(error.value.checkpoints) in str(error.value)
 
 
+@pytest.mark.slow
 def test_a_signal_raises_interrupted_after_saving(digits_data_dir, tmp_path):
     """SIGTERM during epoch 1: the epoch ends, is saved, and train() raises Interrupted."""
     workdir = tmp_path / "run"
@@ -85,6 +87,7 @@ def test_a_bad_init_from_is_refused_before_the_network_is_built(
     assert not (tmp_path / "w").exists()
 
 
+@pytest.mark.slow
 def test_a_redirected_log_has_results_only(digits_data_dir, tmp_path):
     env = {**os.environ, "TFDS_DATA_DIR": str(digits_data_dir), "JAX_PLATFORMS": "cpu"}
     env.pop("XLA_FLAGS", None)

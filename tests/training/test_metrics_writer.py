@@ -13,6 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from tensorboardX.proto import event_pb2
 
 WRITE = """
@@ -44,6 +45,7 @@ def events(directory: Path) -> list[event_pb2.Event]:
     return found
 
 
+@pytest.mark.slow
 def test_scalars_are_written_without_importing_torch(tmp_path):
     result = subprocess.run(
         [sys.executable, "-c", WRITE, str(tmp_path)], capture_output=True, text=True, timeout=120

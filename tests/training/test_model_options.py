@@ -92,6 +92,7 @@ def test_lenet5_paper_variant_reaches_97_percent_on_digits(digits_data_dir, tmp_
     assert saved["model_options"] == {"activation": "tanh", "pooling": "avg"}
 
 
+@pytest.mark.slow
 def test_scanned_resnet_trains(digits_data_dir, tmp_path):
     cfg = config(
         digits_data_dir, tmp_path, "s", arch="resnet20", image_size=8, epochs=1, batch_size=32,
@@ -110,6 +111,7 @@ def test_bad_option_is_refused_before_anything_is_written(digits_data_dir, tmp_p
     assert not (tmp_path / "bad").exists()
 
 
+@pytest.mark.slow
 def test_options_are_checked_on_resume_and_on_init_from(digits_data_dir, tmp_path):
     first = config(
         digits_data_dir, tmp_path, "run", arch="lenet5", epochs=1,
@@ -142,6 +144,7 @@ def test_options_are_checked_on_resume_and_on_init_from(digits_data_dir, tmp_pat
     train(matched, out=quiet)
 
 
+@pytest.mark.slow
 def test_model_option_flag_on_the_command_line(digits_data_dir, tmp_path, capsys, monkeypatch):
     from flaxcnn import train as cli
 

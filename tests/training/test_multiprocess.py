@@ -250,6 +250,7 @@ def test_two_processes_train_like_one_with_two_devices_and_resume_after_a_signal
         (["--num-processes", "2"], "go together"),
     ],
 )
+@pytest.mark.slow
 def test_bad_process_flags_fail_at_once(shared, tmp_path, flags, message):
     """Exit code 2 and one line before waiting for any other process; nothing written."""
     workdir = tmp_path / "run"

@@ -57,6 +57,7 @@ def test_batch_norm_step_gives_the_global_batchs_statistics(strategy):
     )
 
 
+@pytest.mark.slow
 def test_first_epoch_test_metrics_are_meaningful_and_evaluate_reproduces_them(
     digits_data_dir, tmp_path
 ):

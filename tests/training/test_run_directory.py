@@ -96,6 +96,7 @@ def test_a_flag_that_contradicts_the_run_is_refused_and_nothing_is_written(
     assert snapshot(lenet_run) == before  # config.json untouched, metrics and checkpoints too
 
 
+@pytest.mark.slow
 def test_workdir_alone_resumes_with_every_stored_setting_and_records_changes(
     lenet_run, env, tmp_path, capsys
 ):
@@ -121,6 +122,7 @@ def test_workdir_alone_resumes_with_every_stored_setting_and_records_changes(
     assert changes == [{}, {"epochs": [1, 2], "log_every": [10, 3], "progress": [False, True]}]
 
 
+@pytest.mark.slow
 def test_folder_runs_store_the_resolved_path_and_stop_when_the_folder_changed(
     env, tmp_path, capsys, monkeypatch
 ):
@@ -159,6 +161,7 @@ def test_folder_runs_store_the_resolved_path_and_stop_when_the_folder_changed(
     assert "data" in history[-1]["changes"]
 
 
+@pytest.mark.slow
 def test_one_run_per_workdir(lenet_run, env, tmp_path):
     run = RunDir(lenet_run)
     with run.locked():
@@ -204,6 +207,7 @@ def two_epoch_run(finished_run: Path, copy_run, digits_data_dir) -> TrainConfig:
     )  # fmt: skip
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damage", ["flipped bytes", "truncated"])
 def test_a_damaged_checkpoint_is_set_aside_and_the_newest_intact_one_used(
     damage, digits_data_dir, finished_run, copy_run
@@ -232,6 +236,7 @@ def test_a_damaged_checkpoint_is_set_aside_and_the_newest_intact_one_used(
     assert RunDir(workdir).checkpoint_steps()[-1] == 33
 
 
+@pytest.mark.slow
 def test_metrics_file_damage_is_survived_and_reported(digits_data_dir, finished_run, copy_run):
     cfg = two_epoch_run(finished_run, copy_run, digits_data_dir)
     workdir = Path(cfg.workdir)
@@ -257,6 +262,7 @@ def test_metrics_file_damage_is_survived_and_reported(digits_data_dir, finished_
     assert any("metrics.jsonl is missing" in line for line in lines), lines
 
 
+@pytest.mark.slow
 def test_a_failed_write_ends_in_one_line_and_leaves_the_previous_checkpoint_usable(
     digits_data_dir, tmp_path, monkeypatch
 ):
@@ -344,6 +350,7 @@ def test_reconcile_compares_settings_as_the_run_used_them():
     assert resume.reconcile(listed, given, {"model_options"})[1] == {}
 
 
+@pytest.mark.slow
 def test_list_valued_options_resume(digits_data_dir, tmp_path):
     """JSON gives lists back where the options hold tuples: still the same run."""
     cfg = TrainConfig(
@@ -356,6 +363,7 @@ def test_list_valued_options_resume(digits_data_dir, tmp_path):
     assert "resuming     from step 11" in "\n".join(lines)
 
 
+@pytest.mark.slow
 def test_no_resume_without_the_runs_settings_and_older_runs_keep_theirs(lenet_run, tmp_path):
     import shutil
 
@@ -372,6 +380,7 @@ def test_no_resume_without_the_runs_settings_and_older_runs_keep_theirs(lenet_ru
         train(TrainConfig(arch="lenet5", workdir=str(workdir), epochs=3), out=quiet)
 
 
+@pytest.mark.slow
 def test_nothing_is_moved_when_no_checkpoint_restores(digits_data_dir, finished_run, copy_run):
     cfg = two_epoch_run(finished_run, copy_run, digits_data_dir)
     workdir = Path(cfg.workdir)

@@ -86,6 +86,7 @@ def test_a_small_folder_trains_well_with_the_defaults(digits_data_dir, tmp_path)
     assert not any("top-5" in line for line in evaluate.report(result))
 
 
+@pytest.mark.slow
 def test_skip_corrupt_from_the_command_line(digits_data_dir, tmp_path, capsys, monkeypatch):
     from flaxcnn import train as cli
 

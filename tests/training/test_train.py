@@ -138,6 +138,7 @@ def test_one_device_four_devices_pmap_and_shard_map_agree(digits_data_dir, tmp_p
     assert config["devices"] == 4 and config["batch_size"] == 64 and config["image_size"] == 8
 
 
+@pytest.mark.slow
 def test_same_seed_same_metrics_and_outputs(digits_data_dir, tmp_path):
     args = [*BASE, "--epochs", "2", "--arch", "netresdeep", "--dropout", "0.2"]
     train_ok([*args, "--workdir", str(tmp_path / "a")], digits_data_dir)
@@ -217,6 +218,7 @@ def test_interrupted_run_resumes_to_identical_metrics(
     assert records(part) == uninterrupted
 
 
+@pytest.mark.slow
 def test_nonfinite_loss_stops_with_the_step_and_keeps_good_checkpoints(digits_data_dir, tmp_path):
     workdir = tmp_path / "nan"
     result = run(
@@ -233,6 +235,7 @@ def test_nonfinite_loss_stops_with_the_step_and_keeps_good_checkpoints(digits_da
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_init_from_loads_weights_and_replaces_a_classifier_of_another_size(
     digits_data_dir, finished_run, tmp_path
 ):
@@ -309,6 +312,7 @@ def snapshot(directory: Path) -> dict[str, str]:
     }
 
 
+@pytest.mark.slow
 def test_existing_workdir_is_never_damaged_by_bad_runs(
     digits_data_dir, tmp_path, capsys, monkeypatch
 ):
@@ -347,6 +351,7 @@ def test_existing_workdir_is_never_damaged_by_bad_runs(
     assert blocker.read_text() == "not a directory"
 
 
+@pytest.mark.slow
 def test_cli_bad_input_through_a_real_process(digits_data_dir, tmp_path):
     result = run(["--arch", "vgg61", "--workdir", str(tmp_path / "w")], digits_data_dir)
     assert result.returncode == 2
