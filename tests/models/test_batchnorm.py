@@ -21,25 +21,35 @@ from flaxcnn.models.batchnorm import BatchNorm, channel_sums
 SETTINGS = {"momentum": 0.9, "epsilon": 1e-5}
 
 
+def floats(values):
+    """JAX's default float (float64 under `jax.enable_x64`), as `jax.random` would give."""
+    return jnp.asarray(values, dtype=jax.dtypes.canonicalize_dtype(np.float64))
+
+
+def normal(seed, shape, scale=1.0, offset=0.0):
+    """`offset + scale * N(0, 1)` values, drawn with numpy: an eager `jax.random` call
+    compiles a program for every new shape (1-2 s of each test here)."""
+    return floats(offset + scale * np.random.default_rng(seed).standard_normal(shape))
+
+
 def variables(shape, seed=0):
     """Flax's variables for inputs of `shape`, with non-trivial parameters and statistics."""
-    keys = jax.random.split(jax.random.key(seed), 4)
     c = shape[-1]
     return {
         "params": {
-            "scale": 1.0 + 0.3 * jax.random.normal(keys[0], (c,)),
-            "bias": 0.2 * jax.random.normal(keys[1], (c,)),
+            "scale": normal(seed + 10, (c,), 0.3, 1.0),
+            "bias": normal(seed + 20, (c,), 0.2),
         },
         "batch_stats": {
-            "mean": 0.1 * jax.random.normal(keys[2], (c,)),
-            "var": 1.0 + 0.5 * jax.random.uniform(keys[3], (c,)),
+            "mean": normal(seed + 30, (c,), 0.1),
+            "var": floats(1.0 + 0.5 * np.random.default_rng(seed + 40).random(c)),
         },
     }
 
 
 def inputs(shape, seed=1):
-    x = jax.random.normal(jax.random.key(seed), shape)
-    return 3.0 * x + jnp.arange(shape[-1]) * 0.1  # per-channel offsets: the mean matters
+    offsets = np.arange(shape[-1]) * 0.1  # per-channel offsets: the mean matters
+    return floats(3.0 * np.random.default_rng(seed).standard_normal(shape) + offsets)
 
 
 def loss_and_state(module, v, x, dy):
@@ -89,7 +99,7 @@ def test_same_variables_as_flax():
 )
 def test_train_and_eval_mode_match_flax(use_running_average, shape, tol):
     v, x = variables(shape), inputs(shape)
-    dy = jax.random.normal(jax.random.key(2), shape)
+    dy = normal(2, shape)
     settings = {**SETTINGS, "use_running_average": use_running_average}
     ours = grads_and_state(BatchNorm(**settings), v, x, dy)
     theirs = grads_and_state(nn.BatchNorm(**settings), v, x, dy)
@@ -99,7 +109,7 @@ def test_train_and_eval_mode_match_flax(use_running_average, shape, tol):
 def test_bfloat16_compute_matches_flax():
     shape = (16, 4, 4, 8)
     v, x = variables(shape), inputs(shape).astype(jnp.bfloat16)
-    dy = jax.random.normal(jax.random.key(2), shape)
+    dy = normal(2, shape)
     settings = {**SETTINGS, "dtype": jnp.bfloat16, "use_running_average": False}
     ours = grads_and_state(BatchNorm(**settings), v, x, dy)
     theirs = grads_and_state(nn.BatchNorm(**settings), v, x, dy)
@@ -112,7 +122,7 @@ def test_constant_channel_clips_variance_like_flax():
     shape = (8, 3, 3, 4)
     v, x = variables(shape), inputs(shape)
     x = x.at[..., 1].set(0.7)
-    dy = jax.random.normal(jax.random.key(2), shape)
+    dy = normal(2, shape)
     ours = grads_and_state(BatchNorm(use_running_average=False, **SETTINGS), v, x, dy)
     theirs = grads_and_state(nn.BatchNorm(use_running_average=False, **SETTINGS), v, x, dy)
     assert_close(ours, theirs, 1e-5)
@@ -154,7 +164,7 @@ def test_four_devices_match_flax(strategy):
     shape = (4, 6, 5, 5, 8)  # device, batch, H, W, C
     v = variables(shape[1:])
     x = inputs(shape)
-    dy = jax.random.normal(jax.random.key(2), shape)
+    dy = normal(2, shape)
 
     def run(module_cls):
         fn = functools.partial(per_device, module_cls, v)
