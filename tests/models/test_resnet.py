@@ -75,7 +75,9 @@ def _flat(tree) -> dict:
     }
 
 
-@pytest.mark.parametrize("depth", CIFAR_DEPTHS)
+@pytest.mark.parametrize(
+    "depth", [pytest.param(d, marks=[pytest.mark.slow] if d > 56 else []) for d in CIFAR_DEPTHS]
+)
 def test_cifar_resnets_have_the_papers_parameter_counts(depth, reference):
     paper = reference["other"]["he2016_cifar10_params_millions"][f"resnet{depth}"]
     decimals = len(str(paper).split(".")[1])

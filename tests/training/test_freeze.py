@@ -20,8 +20,12 @@ from flaxcnn.models import summary
 from flaxcnn.training import freeze, optim, parallel
 from flaxcnn.training.build import Network, create_train_state
 
+DEEP = ("googlenet", "plain110", "resnet101", "resnet110", "resnet152")  # 0.8-1 s each
 
-@pytest.mark.parametrize("arch", models.names())
+
+@pytest.mark.parametrize(
+    "arch", [pytest.param(a, marks=[pytest.mark.slow] if a in DEEP else []) for a in models.names()]
+)
 def test_every_architecture_names_its_classifier(arch):
     spec = models.get_spec(arch)
     network = Network(arch, 7, max(spec.min_size, 32 if spec.input_size <= 64 else 64), 3)
