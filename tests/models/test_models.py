@@ -251,6 +251,8 @@ def test_dropout_only_in_train_mode(name, options):
     train_a, _ = _stats_and_output(model, variables, x, train=True, rng=1)
     train_b, _ = _stats_and_output(model, variables, x, train=True, rng=2)
     train_a2, _ = _stats_and_output(model, variables, x, train=True, rng=1)
+    chex.assert_shape((eval_a, train_a, train_b), (2, 10))
+    chex.assert_tree_all_finite((eval_a, train_a, train_b))  # NaN would pass the rest
     assert not np.allclose(train_a, train_b)
     chex.assert_trees_all_close(train_a, train_a2)
 
