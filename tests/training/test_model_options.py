@@ -1,8 +1,8 @@
 """Every model option can be trained: `--model-option KEY=VALUE` / `TrainConfig.model_options`.
 
-In-process runs on the prepared digits: GoogLeNet with its auxiliary classifiers (which
-must receive gradients, i.e. their losses are in the objective, and must not be used in
-evaluation), the paper's LeNet-5 (tanh, average pooling), a scanned ResNet; and the checks
+The train step's auxiliary losses (GoogLeNet's heads must receive gradients, i.e. their
+losses are in the objective, and must not be used in evaluation); in-process runs on the
+prepared digits: the paper's LeNet-5 (tanh, average pooling), a scanned ResNet; and the checks
 on resume and --init-from.
 """
 
@@ -10,14 +10,15 @@ from __future__ import annotations
 
 import json
 
+import flax.linen as nn
 import jax
 import numpy as np
 import optax
 import pytest
 
 from flaxcnn.training import TrainConfig, UsageError, parallel, train
-from flaxcnn.training.build import Network, create_train_state
 from flaxcnn.training.rundir import RunDir
+from flaxcnn.training.state import create_state
 
 
 def config(digits_data_dir, tmp_path, name, **settings) -> TrainConfig:
@@ -30,25 +31,36 @@ def quiet(line: str) -> None:
     pass
 
 
-@pytest.mark.slow
-def test_googlenet_aux_heads_learn_through_the_train_step_and_evaluation_ignores_them():
-    """One step of the trainer's own train step (pmap over the session's four devices) on
-    a handful of images. The auxiliary heads only get gradients through the auxiliary
-    losses: with SGD without weight decay, the momentum after one step is the gradient,
-    and it must be non-zero somewhere in every parameter of both heads (and of the main
-    classifier). The evaluation step scores the main classifier alone."""
-    network = Network(
-        arch="googlenet", num_classes=10, image_size=32, in_channels=3,
-        options={"aux_logits": True},
-    )  # fmt: skip
-    state = create_train_state(network, optax.sgd(0.1, momentum=0.9), seed=0)
-    assert {"aux1", "aux2"} <= set(state.params)
+class WithAuxHeads(nn.Module):
+    """GoogLeNet's interface in miniature: (logits, (aux1, aux2)) in training, logits alone
+    in inference (tests/models/test_inception.py checks GoogLeNet itself keeps it)."""
+
+    @nn.compact
+    def __call__(self, x, train: bool):
+        x = x.reshape(x.shape[0], -1)
+        logits = nn.Dense(10, name="fc")(x)
+        heads = (nn.Dense(10, name="aux1")(x), nn.Dense(10, name="aux2")(x * x))
+        return (logits, heads) if train or self.is_initializing() else logits
+
+
+def test_the_train_step_adds_the_auxiliary_losses_and_evaluation_ignores_the_heads():
+    """One step of the trainer's own train step (pmap over the session's four devices).
+    Its loss is the logits' cross-entropy plus 0.3 times each head's (computed here with
+    optax), and with SGD without weight decay the momentum after one step is the gradient:
+    non-zero somewhere in every parameter of both heads. Evaluation scores the main
+    classifier alone: heads replaced by noise change nothing."""
+    model = WithAuxHeads()
+    state = create_state(model, optax.sgd(0.1, momentum=0.9), (1, 4, 4, 1), seed=0)
     par = parallel.make("pmap")
     rng = np.random.default_rng(0)
-    images = rng.normal(size=network.input_shape(8)).astype(np.float32)
+    images = rng.normal(size=(8, 4, 4, 1)).astype(np.float32)
     batch = {"image": images, "label": np.arange(8, dtype=np.int32)}
-    stepped, _ = par.train_step(par.put_state(state), par.put_batch(batch))
+    stepped, sums = par.train_step(par.put_state(state), par.put_batch(batch))
 
+    logits, heads = model.apply({"params": state.params}, images, train=True)
+    ce = lambda z: float(optax.softmax_cross_entropy_with_integer_labels(z, batch["label"]).sum())
+    expected = ce(logits) + 0.3 * (ce(heads[0]) + ce(heads[1]))
+    assert par.get_metrics(sums)["loss"] == pytest.approx(expected, rel=1e-5)
     momentum = par.get_state(stepped.opt_state)[0].trace
     largest = {name: float(np.max(np.abs(value))) for name, value in named(momentum).items()}
     assert set(largest) == set(named(state.params))
@@ -56,7 +68,6 @@ def test_googlenet_aux_heads_learn_through_the_train_step_and_evaluation_ignores
         of_head = {name: size for name, size in largest.items() if name.startswith(f"{head}/")}
         assert of_head and min(of_head.values()) > 0, (head, of_head)
 
-    # Evaluation scores the main classifier alone: heads replaced by noise change nothing.
     def evaluate(state) -> dict[str, float]:
         masked = par.put_batch({**batch, "mask": np.ones(8, bool)})
         return par.get_metrics(par.eval_step(par.put_state(state), masked))
