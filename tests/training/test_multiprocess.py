@@ -205,7 +205,7 @@ def test_two_processes_train_like_one_with_two_devices_and_resume_after_a_signal
     one, two = tmp_path / "one", tmp_path / "two"
     reference = run_reference([*ARGS, "--parallel", strategy], shared, one)
     pair = start(
-        [*args, "--workdir", str(two), "--checkpoint-every", "2"], shared, processes=2,
+        [*args, "--workdir", str(two), "--checkpoint-every", "4"], shared, processes=2,
         devices=1, logs=tmp_path / "logs-two",
     )  # fmt: skip
     deadline = time.monotonic() + TIMEOUT_S

@@ -70,9 +70,10 @@ def test_a_small_folder_gets_a_batch_that_gives_real_steps(digits_data_dir, tmp_
 @pytest.mark.slow
 def test_a_small_folder_trains_well_with_the_defaults(digits_data_dir, tmp_path):
     folder = digit_folder(tmp_path / "imgs")
+    # The default schedule, evaluated and saved at the end only (what is trained is the same).
     cfg = TrainConfig(
         arch="simple_cnn", dataset=f"folder:{folder}", data_dir=str(digits_data_dir),
-        workdir=str(tmp_path / "run"), progress=False,
+        workdir=str(tmp_path / "run"), progress=False, eval_every=30, checkpoint_every=30 * 18,
     )  # fmt: skip
     test = train(cfg, out=lambda line: None)
     saved = json.loads((tmp_path / "run" / "config.json").read_text())
