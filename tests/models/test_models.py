@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from absl.testing import parameterized
+from model_testing import normal, published_bound
 
 from flaxcnn import models
 from flaxcnn.models import summary
@@ -21,24 +22,9 @@ REFERENCE = pathlib.Path(__file__).parents[1] / "reference" / "torchvision.json"
 PUBLISHED_PARAMS = list(json.loads(REFERENCE.read_text())["params"])
 
 
-def published_bound(figure: float) -> float:
-    """Half a unit in the last decimal of a published GMACs figure, in multiply-adds: a
-    figure rounded to 1.814 stands for 1.8135e9..1.8145e9, one rounded to 15.47 for
-    15.465e9..15.475e9. Our counts are exact, so they must fall inside that rounding."""
-    decimals = len(repr(figure).partition(".")[2])
-    return 0.5 * 10.0**-decimals * 1e9
-
-
 def small_size(spec: models.ModelSpec) -> int:
     """The smallest convenient input: 32 where the network allows it."""
     return max(32, spec.min_size + (-spec.min_size) % 8)
-
-
-def normal(shape, seed=0, offset=0.0):
-    """`offset + N(0, 1)` float32 values, drawn with numpy: an eager `jax.random` call
-    compiles a program for every new shape."""
-    z = np.random.default_rng(seed).standard_normal(shape, np.float32)
-    return jnp.asarray(np.float32(offset) + z)
 
 
 NOISE_PERIOD = 1_000_003  # a prime, so that the repeats line up with no layer's shape
