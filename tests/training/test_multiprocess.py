@@ -3,9 +3,8 @@
 2 processes x 1 CPU device must give the metrics of 1 process x 2 devices with the same
 global batch and seed. Each device then sees the same examples in the same order
 (`parallel.interleave`) and a sum over 2 devices does not depend on its order, so the two
-agree to the last bit in practice. The comparison still allows for compiler differences
-(losses to 1e-5, accuracies to one example), since what is promised is the arithmetic,
-not the rounding of another CPU.
+agree to the last bit in practice here. The comparison still allows for other rounding
+(see LOSS_RTOL), since what is promised is the arithmetic, not the rounding of a CPU.
 
 Process 0 alone writes config.json, metrics.jsonl, TensorBoard events and the console
 output (the workdir is shared here, so a second writer would show as duplicate lines or
@@ -142,20 +141,32 @@ def records(workdir: Path) -> list[dict]:
     return [{k: v for k, v in r.items() if k not in metrics_io.TIMING_FIELDS} for r in rows]
 
 
+# On two cores the runs agree to the last digits. Pinned to one core (taskset -c 0, a
+# stand-in for another CPU's rounding), after epoch 1 they differed by 4e-5 (training loss)
+# and 3.8e-4 (test loss) relative and by one test example; after epoch 2, training at this
+# learning rate had amplified that to 7.5e-3 (test loss) and two examples of top-5. So
+# epoch 1 is compared to 5e-3 and one example, epoch 2 (after the resume) to 3e-2 and 1%
+# of the examples: enough to catch a process that did not restore its state or its place
+# in the data (epoch 1 ended at a 37% higher loss). The exact resume is checked to the
+# last bit where the program is the same: tests/training/test_train.py.
+TOLERANCES = {1: (5e-3, 1), 2: (3e-2, 0.01)}  # epoch: (loss rtol, accuracy: examples or share)
+
+
 def assert_same_metrics(got: list[dict], want: list[dict]) -> None:
-    """The same rows; losses (and the learning rate) to float rounding, accuracies to one
-    example: a thresholded decision at a tie may flip under another program's rounding."""
+    """The same rows; losses (and the learning rate) and accuracies to TOLERANCES."""
     assert [(r["split"], r["epoch"], r["step"]) for r in got] == [
         (r["split"], r["epoch"], r["step"]) for r in want
     ]
     for a, b in zip(got, want, strict=True):
         assert a.keys() == b.keys()
         examples = STEPS_PER_EPOCH * 64 if a["split"] == "train" else 360
+        rtol, apart = TOLERANCES[a["epoch"]]
+        allowed = apart if apart >= 1 else apart * examples
         for key in a.keys() - {"split", "epoch", "step"}:
             if "accuracy" in key:
-                assert abs(a[key] - b[key]) * examples <= 1 + 1e-9, (key, a, b)
+                assert abs(a[key] - b[key]) * examples <= allowed + 1e-9, (key, a, b)
             else:
-                np.testing.assert_allclose(a[key], b[key], rtol=1e-5, err_msg=f"{a}\n{b}")
+                np.testing.assert_allclose(a[key], b[key], rtol=rtol, err_msg=f"{a}\n{b}")
 
 
 def assert_written_once(workdir: Path, lines: int, runs: int) -> None:

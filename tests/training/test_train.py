@@ -175,7 +175,8 @@ def wait_for_checkpoint(workdir: Path, proc: subprocess.Popen, min_step: int) ->
     raise AssertionError("no checkpoint appeared in time")
 
 
-RESUMABLE = [*BASE, "--epochs", "2", "--checkpoint-every", "7"]  # 44 steps an epoch
+# 22 steps an epoch: a checkpoint every 7 steps, and so a kill, falls in the middle of one.
+RESUMABLE = [*BASE, "--batch-size", "64", "--epochs", "2", "--checkpoint-every", "7"]
 
 
 @pytest.fixture(scope="module")
