@@ -9,6 +9,7 @@ the environment) and is removed at the end, so no test ever sees a program compi
 other code. `FLAXCNN_TEST_XLA_CACHE=0` turns it off (to measure the suite without it).
 """
 
+import fcntl
 import json
 import os
 import pathlib
@@ -65,6 +66,37 @@ def digits_data_dir(tmp_path_factory) -> pathlib.Path:
 def reference() -> dict:
     """Published figures (torchvision 0.29, He et al. 2016), copied from shared/reference."""
     return json.loads(REFERENCE.read_text())
+
+
+@pytest.fixture(scope="session")
+def once_per_run(tmp_path_factory, worker_id):
+    """`once_per_run(name, make)`: the JSON value of `make(directory)`, computed once per test
+    run for all xdist workers.
+
+    For a reference that several tests compare against (an uninterrupted training run, an
+    experiment's smoke record): the first worker to ask makes it, under a lock, in a
+    directory that every worker of the run shares and that stays until the run ends (files
+    `make` writes there can be used by path); the others wait for it and read it. A `make`
+    that fails writes nothing, and the next worker to ask tries again. (pytest-xdist's
+    `xdist_group` would keep such tests on one worker, but under pytest 9 it does not.)
+    """
+    base = tmp_path_factory.getbasetemp()  # under xdist, its parent is the run's
+    root = (base if worker_id == "master" else base.parent) / "once-per-run"
+    root.mkdir(exist_ok=True)
+
+    def get(name: str, make):
+        directory, result = root / name, root / f"{name}.json"
+        with open(root / f"{name}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+            if not result.exists():
+                shutil.rmtree(directory, ignore_errors=True)  # a failed attempt's files
+                directory.mkdir()
+                text = json.dumps(make(directory))
+                result.with_suffix(".tmp").write_text(text)
+                result.with_suffix(".tmp").replace(result)
+            return json.loads(result.read_text())
+
+    return get
 
 
 @pytest.fixture(scope="session")

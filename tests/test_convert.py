@@ -27,7 +27,9 @@ from flaxcnn.training import warm_start
 from flaxcnn.training.rundir import RunDir
 
 TORCH_REASON = "converting .pth files needs the torch extra: pip install 'flaxcnn[torch]'"
-HEAVY = {"resnet101", "resnet152", "vgg16", "vgg19", "vgg16_bn", "vgg19_bn"}  # see logit_cases
+HEAVY = {  # see logit_cases
+    "resnet101", "resnet152", "vgg13", "vgg16", "vgg19", "vgg13_bn", "vgg16_bn", "vgg19_bn",
+}  # fmt: skip
 
 
 def needs_torch():
@@ -390,8 +392,9 @@ which the former bound of 1e-4 let through; a misplaced weight as 1e-3 or more
 (test_verify_sees_a_wrong_weight)."""
 
 # 224: the pretrained weights' size. 145: odd, where ceil-mode pools and adaptive pools with
-# uneven bins show any misalignment. The heaviest networks repeat their lighter siblings'
-# layers (more blocks, more convolutions per stage) and are compared at 224 only. The quick
+# uneven bins show any misalignment. Deeper members of a family (VGG-13 and up, ResNet-101
+# and up) repeat their lighter siblings' layers (more blocks, more convolutions per stage)
+# and are compared at 224 only, their sibling (VGG-11, ResNet-50) at both. The quick
 # lane compares one ResNet at 224 and AlexNet at 145 (each under 3 s); the rest is slow.
 QUICK_LOGITS = {("resnet18", 224), ("alexnet", 145)}
 

@@ -16,11 +16,16 @@ sys.path.insert(0, str(ROOT / "experiments"))
 import bottleneck  # noqa: E402
 
 
-@pytest.fixture(scope="module")
-def smoke(run_experiment) -> dict:
-    """The script run once at --smoke: its JSON record, its page and its directory."""
-    record, out = run_experiment("bottleneck")
-    return {"record": record, "page": (out / "bottleneck.md").read_text(), "dir": out}
+@pytest.fixture
+def smoke(run_experiment, once_per_run) -> dict:
+    """The script run once per test run at --smoke: its JSON record, its page, its directory."""
+
+    def make(_) -> dict:
+        record, out = run_experiment("bottleneck")
+        return {"record": record, "page": (out / "bottleneck.md").read_text(), "dir": str(out)}
+
+    result = once_per_run("bottleneck-smoke", make)
+    return {**result, "dir": Path(result["dir"])}
 
 
 @pytest.mark.slow

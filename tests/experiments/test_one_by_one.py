@@ -21,11 +21,17 @@ pytestmark = pytest.mark.slow
 FLOAT32_TOL = 1e-5  # relative; float32's eps is 1.2e-7
 
 
-@pytest.fixture(scope="module")
-def smoke(run_experiment) -> dict:
-    """The script run once at --smoke: its JSON record, its page and its directory."""
-    record, out = run_experiment("one_by_one")
-    return {"data": record["data"], "page": (out / "one_by_one.md").read_text(), "dir": out}
+@pytest.fixture
+def smoke(run_experiment, once_per_run) -> dict:
+    """The script run once per test run at --smoke: its JSON record, its page, its directory."""
+
+    def make(_) -> dict:
+        record, out = run_experiment("one_by_one")
+        page = (out / "one_by_one.md").read_text()
+        return {"data": record["data"], "page": page, "dir": str(out)}
+
+    result = once_per_run("one_by_one-smoke", make)
+    return {**result, "dir": Path(result["dir"])}
 
 
 def test_differences_within_float32_tolerance(smoke):

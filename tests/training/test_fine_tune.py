@@ -38,10 +38,15 @@ def flat(tree) -> dict[str, np.ndarray]:
     return {jax.tree_util.keystr(path): np.asarray(value) for path, value in leaves}
 
 
-@pytest.fixture(scope="module")
-def converted(tmp_path_factory) -> Path:
+@pytest.fixture
+def converted(once_per_run) -> Path:
     """A run directory of torchvision resnet18 weights with BatchNorm statistics estimated
-    as training would (here over random images), so not the initial ones."""
+    as training would (here over random images), so not the initial ones; converted once
+    per test run. Read it only."""
+    return Path(once_per_run("converted-resnet18", convert_resnet18))
+
+
+def convert_resnet18(directory: Path) -> str:
     torch.manual_seed(0)
     net = torchvision.models.resnet18()
     for module in net.modules():
@@ -54,12 +59,12 @@ def converted(tmp_path_factory) -> Path:
     net.eval()
     state_dict = {k: v.numpy() for k, v in net.state_dict().items()}
     variables = convert.from_torchvision("resnet18", state_dict)
-    source = tmp_path_factory.mktemp("weights") / "resnet18.pth"
+    source = directory / "resnet18.pth"
     torch.save(net.state_dict(), source)
-    out = tmp_path_factory.mktemp("converted") / "resnet18-imagenet"
+    out = directory / "resnet18-imagenet"
     options = convert.model_options("resnet18", state_dict)
     convert.write_run(out, "resnet18", variables, options, source)
-    return out
+    return str(out)
 
 
 @pytest.fixture
