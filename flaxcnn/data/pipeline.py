@@ -131,32 +131,43 @@ class TrainPipeline:
         }
 
     def __iter__(self) -> TrainIterator:
-        return TrainIterator(self, read_ahead(self._batches, self.worker_count))
+        return TrainIterator(self)
+
+    def read_from(self, step: int) -> grain.IterDataset:
+        """The batches from index ``step`` on, read ahead (in threads or worker processes)."""
+        return read_ahead(self._batches[step:], self.worker_count)
 
 
 class TrainIterator(Iterator[dict[str, np.ndarray]]):
-    """A grain iterator over training batches whose position can be saved and restored.
+    """An iterator over training batches whose position can be saved and restored.
 
-    The state is the index of the next batch (grain's own next-index), plus the settings
-    it is valid for. It holds for any number of processes or workers: the global batches
-    do not depend on them.
+    The state is the index of the next batch, plus the settings it is valid for. Batch
+    ``i`` is a pure function of the seed and ``i``, so restoring a position starts reading
+    at that index: no reader has to save its own position, which grain's interleaving
+    multi-worker reader (``worker_count`` >= 2) cannot do. It holds for any number of
+    processes or workers: the global batches do not depend on them.
     """
 
-    def __init__(self, pipeline: TrainPipeline, batches: grain.IterDataset):
+    def __init__(self, pipeline: TrainPipeline):
         self._pipeline = pipeline
-        self._iterator = iter(batches)
+        self._step = 0
+        self._reader: Iterator[dict[str, np.ndarray]] | None = None  # started on first use
 
     def __next__(self) -> dict[str, np.ndarray]:
-        return next(self._iterator)
+        if self._reader is None:
+            self._reader = iter(self._pipeline.read_from(self._step))
+        batch = next(self._reader)
+        self._step += 1
+        return batch
 
     @property
     def step(self) -> int:
         """The index of the next batch."""
-        return grain.experimental.get_next_index(self._iterator)
+        return self._step
 
     def get_state(self) -> dict[str, Any]:
         """A JSON-serialisable state for checkpoints."""
-        return {"step": self.step, **self._pipeline.signature()}
+        return {"step": self._step, **self._pipeline.signature()}
 
     def set_state(self, state: dict[str, Any]) -> None:
         """Continue with the batch that followed when ``state`` was taken."""
@@ -165,15 +176,17 @@ class TrainIterator(Iterator[dict[str, np.ndarray]]):
         if changed:
             raise ValueError(f"iterator state is for another pipeline (saved, now): {changed}")
         step = state["step"]
-        if not isinstance(step, int) or step < 0:
+        if not isinstance(step, int) or isinstance(step, bool) or step < 0:
             raise ValueError(f"iterator state has an invalid step: {step!r}")
-        grain.experimental.set_next_index(self._iterator, step)
+        self.close()  # what was read ahead from the old position is not used
+        self._step = step
 
     def close(self) -> None:
-        """Stop worker processes now rather than at garbage collection."""
-        close = getattr(self._iterator, "close", None)
+        """Stop reading ahead (and worker processes) now rather than at garbage collection."""
+        close = getattr(self._reader, "close", None)
         if close is not None:
             close()
+        self._reader = None
 
 
 class PaddedSplit(Sequence):

@@ -14,10 +14,14 @@ killed between the commit and the checksums) is used if orbax can read it.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import json
 import os
+import re
 import shutil
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -26,7 +30,7 @@ from typing import Any
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
-from flaxcnn.training.rundir import DAMAGED
+from flaxcnn.training.rundir import DAMAGED, absl_errors_only
 
 BEST_METRIC = "test_accuracy"
 CHECKSUMS = "checksums.json"
@@ -34,6 +38,23 @@ CHECKSUMS = "checksums.json"
 
 class CheckpointWriteError(OSError):
     """A checkpoint could not be written (disk full, directory unwritable)."""
+
+
+# tensorstore's errors, which orbax passes on as ValueError, end with the errno, e.g.
+# 'RESOURCE_EXHAUSTED: ... No space left on device [os_error_code='28']'.
+IN_FLIGHT_S = 1.0  # how long writes still in flight after a failed one take to fail
+_OS_ERROR_CODE = re.compile(r"\[os_error_code='(\d+)'\]")
+
+
+def os_error(error: Exception) -> OSError | None:
+    """The operating system's error behind a failed write, if that is what it was."""
+    if isinstance(error, OSError):
+        return error
+    match = _OS_ERROR_CODE.search(str(error))
+    if match is None:
+        return None
+    code = int(match.group(1))
+    return OSError(code, os.strerror(code))
 
 
 class NoIntactCheckpoint(RuntimeError):
@@ -82,22 +103,39 @@ class Checkpoints:
         metrics: dict[str, float] | None = None,
     ) -> None:
         """Save host (numpy) `state`; every process calls this, orbax writes once."""
+        # orbax stops at the first failed write; tensorstore's writes still in flight then
+        # fail too, each with a traceback on stderr (dozens for one full disk). Kept aside
+        # and shown unless the failure is one the caller reports in a line.
+        aside = io.StringIO()
         try:
-            self.manager.save(
-                step,
-                args=ocp.args.Composite(
-                    state=ocp.args.StandardSave(state),
-                    data=ocp.args.JsonSave(data_state),
-                    meta=ocp.args.JsonSave(meta),
-                ),
-                metrics=metrics,
-                force=True,
-            )
-            self.manager.wait_until_finished()
-            if _is_primary():
+            with absl_errors_only(silent=True), contextlib.redirect_stderr(aside):
+                try:
+                    self.manager.save(
+                        step,
+                        args=ocp.args.Composite(
+                            state=ocp.args.StandardSave(state),
+                            data=ocp.args.JsonSave(data_state),
+                            meta=ocp.args.JsonSave(meta),
+                        ),
+                        metrics=metrics,
+                        force=True,
+                    )
+                    self.manager.wait_until_finished()
+                except Exception:
+                    time.sleep(IN_FLIGHT_S)  # the other writes end, their output aside
+                    raise
+        except Exception as e:
+            error = os_error(e)
+            if error is None:
+                sys.stderr.write(aside.getvalue())
+                raise
+            raise CheckpointWriteError(error.errno, error.strerror or str(error)) from e
+        sys.stderr.write(aside.getvalue())
+        if _is_primary():
+            try:
                 write_checksums(Path(self.directory) / str(step))
-        except OSError as e:
-            raise CheckpointWriteError(e.errno, e.strerror or str(e)) from e
+            except OSError as e:
+                raise CheckpointWriteError(e.errno, e.strerror or str(e)) from e
 
     def read_meta(self, step: int | None = None) -> dict:
         """The run metadata saved with the checkpoint at `step` (default: the latest)."""

@@ -190,9 +190,14 @@ class Trainer:
             entry = resume.history_entry(self.step, changes)
             previous["history"] = [*previous.get("history", []), entry]
         notes = []
+        # A new run's config.json is written now; a resumed run's changed settings with its
+        # first checkpoint, so that a resume that fails before it leaves config.json as it
+        # was (with the checkpoint it describes) and the printed resume command still works.
+        self._config_to_write = resolved_config(setup, previous) if primary else None
         try:
-            if primary:  # written only now, once the resume is known to be valid
-                run.write_config(resolved_config(setup, previous))
+            if primary and history is None:
+                self._write_config()
+            if primary:  # once the resume is known to be valid
                 notes = metrics.resume_file(run.metrics_path, self.step, setup.steps_per_epoch)
             self.writer = metrics.MetricsWriter(run.path, enabled=primary, resume_step=self.step)
         except OSError as e:
@@ -268,6 +273,7 @@ class Trainer:
         test: dict[str, float] = {}
         if self.step >= setup.total_steps:  # resumed a finished run: report it again
             test = self.evaluate()
+            self._write_config()
         with self.stop.installed():
             while self.step < setup.total_steps:
                 epoch = self.step // setup.steps_per_epoch
@@ -371,7 +377,18 @@ class Trainer:
             raise NonFiniteLoss(int(bad), self.ckpts.directory)
         return host
 
+    def _write_config(self) -> None:
+        """config.json, if this process has one still to write."""
+        if self._config_to_write is None:
+            return
+        try:
+            self.run.write_config(self._config_to_write)
+        except OSError as e:
+            raise TrainingError(f"cannot write to {self.run.path}: {e.strerror or e}") from None
+        self._config_to_write = None
+
     def save(self, metrics: dict | None = None, epoch_sums: dict | None = None) -> None:
+        self._write_config()
         state = self.par.get_state(self.dstate)
         host = jax.tree.map(np.asarray, serialization.to_state_dict(state))
         meta = {**self.setup.meta(), "epoch_sums": epoch_sums}

@@ -202,23 +202,34 @@ class RunDir:
 
         An advisory `flock` on WORKDIR/.lock: the operating system releases it when the
         process ends, however it ends (kill -9 included), so no stale lock survives. The
-        holder writes its pid and command line into the file for the next one to name.
+        holder writes its pid and command line into the file for the next one to name, if
+        it can (unbuffered: on a full disk the lock holds all the same, and the first
+        file the run must write says what is wrong).
         """
-        with open(self.path / LOCK, "a+") as handle:  # closing it releases the lock
+        path = self.path / LOCK
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except IsADirectoryError:
+            raise UsageError(
+                f"{path} is a directory, where the run's lock file belongs: remove it"
+            ) from None
+        except OSError as e:
+            raise UsageError(f"cannot open {path}: {e.strerror}") from None
+        try:  # closing it releases the lock
             try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError:
-                handle.seek(0)
-                holder = handle.read().strip() or "another process"
+                holder = os.read(fd, 4096).decode(errors="replace").strip() or "another process"
                 raise UsageError(
                     f"{self.path} is in use by {holder}; wait for it to finish, or choose "
                     "another --workdir"
                 ) from None
-            handle.seek(0)
-            handle.truncate()
-            handle.write(f"process {os.getpid()} ({_command_line()})\n")
-            handle.flush()
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, f"process {os.getpid()} ({_command_line()})\n".encode(), 0)
             yield
+        finally:
+            os.close(fd)
 
 
 def checkpoint_steps(directory: Path) -> list[int]:
@@ -229,14 +240,20 @@ def checkpoint_steps(directory: Path) -> list[int]:
 
 
 class absl_errors_only:
-    """Silence absl's warnings for a while (orbax notes that a read-only manager is read-only)."""
+    """Silence absl's warnings for a while (orbax notes that a read-only manager is read-only).
+
+    `absl_errors_only(silent=True)` silences its errors too: orbax logs a failed write from
+    each of its threads with a traceback, and then raises, which the caller reports."""
+
+    def __init__(self, silent: bool = False):
+        self._silent = silent
 
     def __enter__(self):
         import logging
 
         self._logger = logging.getLogger("absl")
         self._level = self._logger.level
-        self._logger.setLevel(logging.ERROR)
+        self._logger.setLevel(logging.CRITICAL + 1 if self._silent else logging.ERROR)
 
     def __exit__(self, *exc):
         self._logger.setLevel(self._level)

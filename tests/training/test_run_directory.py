@@ -391,3 +391,125 @@ def test_nothing_is_moved_when_no_checkpoint_restores(digits_data_dir, finished_
         train(TrainConfig(**{**cfg.__dict__, "epochs": 3}), out=quiet)
     assert RunDir(workdir).checkpoint_steps() == [11, 22]
     assert not (workdir / "checkpoints-damaged").exists()
+
+
+def test_a_resume_that_fails_before_its_first_checkpoint_leaves_config_json_as_it_was(
+    finished_run, copy_run, env, capsys, monkeypatch
+):
+    """Its changed settings are written with its first checkpoint, so the resume command
+    printed before still works; a resume that gets there records them."""
+    from flaxcnn.training.loop import Trainer
+
+    workdir = copy_run(finished_run)
+    before = (workdir / "config.json").read_bytes()
+
+    train_epoch = Trainer.train_epoch
+
+    def fail(self, epoch):
+        raise TrainingError("the first step failed")
+
+    monkeypatch.setattr(Trainer, "train_epoch", fail)
+    argv = ["--workdir", str(workdir), "--epochs", "3", "--log-every", "4"]
+    code, _, err = cli_lines(argv, capsys)
+    assert code == 1 and err == ["error: the first step failed"]
+    assert (workdir / "config.json").read_bytes() == before
+
+    monkeypatch.setattr(Trainer, "train_epoch", train_epoch)
+    code, out, err = cli_lines(argv, capsys)
+    assert code == 0 and out[-1].startswith("test accuracy: "), err
+    saved = json.loads((workdir / "config.json").read_text())
+    assert saved["epochs"] == 3 and saved["log_every"] == 4
+    assert saved["history"][-1]["changes"] == {"epochs": [2, 3], "log_every": [10, 4]}
+
+
+@pytest.mark.slow
+def test_data_worker_processes_checkpoint_and_resume_like_none(finished_run, copy_run, env):
+    """grain's reader over 2 worker processes cannot save its own position (it used to end
+    the run at its first checkpoint); the run saves and restores the index of the next
+    batch instead, and trains on the same batches as without workers."""
+    results = {}
+    for workers in (0, 2):
+        workdir = copy_run(finished_run, name=f"workers-{workers}")
+        config = TrainConfig(workdir=str(workdir), epochs=3, workers=workers, checkpoint_every=4)
+        results[workers] = train(
+            config, out=quiet, explicit={"workdir", "epochs", "workers", "checkpoint_every"}
+        )
+        rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+        results[workers, "rows"] = [
+            {k: v for k, v in r.items() if k != "images_per_sec"} for r in rows
+        ]
+        steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+        assert steps[-1] == 33  # 11 steps an epoch; saved mid-epoch (every 4) and at the end
+    assert results[2] == results[0]
+    assert results[2, "rows"] == results[0, "rows"]
+
+
+# What orbax raised for a full disk (a tmpfs, orbax-checkpoint 0.11): tensorstore's error as
+# a ValueError, which used to end the run with 340 lines of tracebacks.
+TENSORSTORE_DISK_FULL = ValueError(
+    'RESOURCE_EXHAUSTED: Error writing "step/0" in OCDBT database at local file "/w/checkpoints'
+    '/22.orbax-checkpoint-tmp/state.orbax-checkpoint-tmp/ocdbt.process_0/": Failed writing: '
+    '"/w/d/6e5a": Failed to write 48772 bytes to file 20: No space left on device '
+    "[os_error_code='28']"
+)
+
+
+@pytest.mark.parametrize(
+    "error, reported",
+    [(TENSORSTORE_DISK_FULL, True), (OSError(13, "Permission denied"), True),
+     (ValueError("a bug, not the disk"), False)],
+)  # fmt: skip
+def test_a_full_disk_is_a_checkpoint_write_error_whatever_orbax_calls_it(
+    tmp_path, monkeypatch, capsys, error, reported
+):
+    """The trainer turns CheckpointWriteError into one line (the test above); anything
+    else is raised as it is, with whatever orbax printed."""
+    import numpy as np
+    import orbax.checkpoint as ocp
+
+    from flaxcnn.training import checkpoint
+
+    def fail(self, *args, **kwargs):
+        print("tensorstore: Event loop is closed", file=sys.stderr)
+        raise error
+
+    monkeypatch.setattr(ocp.CheckpointManager, "save", fail)
+    monkeypatch.setattr(checkpoint, "IN_FLIGHT_S", 0.0)
+    ckpts = checkpoint.Checkpoints(tmp_path / "checkpoints")
+    expected = checkpoint.CheckpointWriteError if reported else ValueError
+    with pytest.raises(expected) as raised:
+        ckpts.save(1, {"w": np.zeros(3)}, {"step": 1}, {})
+    ckpts.close()
+    if reported:
+        assert raised.value.errno == error.errno if isinstance(error, OSError) else 28
+        assert raised.value.strerror in ("No space left on device", "Permission denied")
+        assert capsys.readouterr().err == ""  # the caller's line is all the user sees
+    else:
+        assert "Event loop is closed" in capsys.readouterr().err
+
+
+def test_a_directory_where_the_lock_file_belongs_is_refused_in_one_line(tmp_path):
+    (tmp_path / ".lock").mkdir()
+    locked = RunDir(tmp_path).locked()
+    with pytest.raises(UsageError, match=r"\.lock is a directory, where the run's lock file"):
+        locked.__enter__()
+
+
+def test_the_lock_holds_when_its_note_cannot_be_written(tmp_path):
+    """On a full disk the holder's pid cannot be written: the lock is taken all the same, and
+    the first file the run must write reports the disk (it used to end in a traceback).
+    Here no file may grow at all (RLIMIT_FSIZE 0: a write fails with EFBIG)."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG instead of the signal
+    resource.setrlimit(resource.RLIMIT_FSIZE, (0, hard))
+    try:
+        with RunDir(tmp_path).locked():
+            taken = True
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, handler)
+    assert taken and (tmp_path / ".lock").read_text() == ""
+    with RunDir(tmp_path).locked():
+        assert f"process {os.getpid()}" in (tmp_path / ".lock").read_text()
