@@ -221,17 +221,30 @@ def reference(shared, once_per_run) -> list[dict]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("strategy", ["pmap", "shard_map"])
+def test_two_processes_under_shard_map_train_like_one_with_two_devices(shared, reference, tmp_path):
+    """The same 2 epochs with shard_map over the two processes' devices, uninterrupted
+    (stopping and resuming do not depend on the strategy: the test below)."""
+    two = tmp_path / "two"
+    args = [*ARGS, "--parallel", "shard_map", "--epochs", "2", "--workdir", str(two)]
+    pair = finish(start(args, shared, processes=2, devices=1, logs=tmp_path / "logs"))
+    assert "(2 process(es), 1 local)" in pair[0].stdout
+    assert own_lines(pair[0].stdout)[-1].startswith("test accuracy: ")
+    assert own_lines(pair[1].stdout) == []  # process 1 prints nothing
+    assert_same_metrics(records(two), reference)
+    assert_written_once(two, lines=4, runs=1)
+
+
+@pytest.mark.slow
 def test_two_processes_train_like_one_with_two_devices_and_resume_after_a_signal(
-    shared, reference, tmp_path, strategy
+    shared, reference, tmp_path
 ):
-    """A 2-epoch run of 2 processes x 1 device against one of 1 process x 2 devices.
+    """A 2-epoch run of 2 processes x 1 device (pmap) against one of 1 process x 2 devices.
 
     SIGTERM goes to process 0 alone, after epoch 1: both save the same step and exit 143
     (a process that stopped alone would leave the other waiting in a collective for ever).
     Epoch 1's metrics are the reference's; resumed, the run ends with the reference's
     metrics, each file written once."""
-    args = [*ARGS, "--parallel", strategy, "--epochs", "2"]
+    args = [*ARGS, "--parallel", "pmap", "--epochs", "2"]
     two = tmp_path / "two"
     pair = start(
         [*args, "--workdir", str(two), "--checkpoint-every", "4"], shared, processes=2,
