@@ -31,7 +31,6 @@ import contextlib
 import dataclasses
 import os
 import statistics
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -43,7 +42,7 @@ import numpy as np
 
 from flaxcnn import bench_flops, cli, models
 from flaxcnn.models import summary
-from flaxcnn.training import optim, parallel, steps
+from flaxcnn.training import memory, optim, parallel, steps
 from flaxcnn.training.build import Network, create_train_state
 from flaxcnn.training.config import TrainConfig
 from flaxcnn.training.resolve import get_spec
@@ -127,6 +126,8 @@ def plan(
     model = network.create()
     try:  # abstract evaluation only: the models check their minimum input size here
         params = summary.count_params(model, network.input_shape())
+        # What cannot fit is refused as the trainer refuses it, before any real work.
+        memory.check_fits(network, batch_size // devices, TrainConfig().optimizer, params)
         macs = summary.total_macs(model, network.input_shape())
     except ValueError as e:
         raise cli.UsageError(str(e)) from None
@@ -551,7 +552,21 @@ def footer_lines(results: list[dict[str, Any]], peak: dict[str, Any], unit: str)
 def parse_archs(values: list[str] | None) -> list[str]:
     """Repeated and comma-separated --arch values, in order, without repeats."""
     archs = [a.strip() for v in values or [",".join(DEFAULT_ARCHS)] for a in v.split(",")]
-    return list(dict.fromkeys(a for a in archs if a))
+    archs = list(dict.fromkeys(a for a in archs if a))
+    if not archs:
+        raise cli.UsageError(f"--arch {','.join(values or [])!r} names no architecture")
+    return archs
+
+
+def check_writable(path: Path) -> None:
+    """`--json PATH` can be written (checked before the benchmark runs, not after)."""
+    parent = path.expanduser().absolute().parent
+    if path.is_dir():
+        raise cli.UsageError(f"--json {path} is a directory; name a file")
+    if not parent.is_dir():
+        raise cli.UsageError(f"--json {path}: the directory {parent} does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise cli.UsageError(f"--json {path}: the directory {parent} is not writable")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -641,6 +656,8 @@ def main(argv: list[str] | None = None) -> None:
     with contextlib.ExitStack() as stack:
         try:  # every architecture is checked before the first one is compiled
             check_repeats(args.repeats)
+            if args.json:
+                check_writable(Path(args.json))
             root = stack.enter_context(loop_module().scratch()) if args.loop else None
             jobs = [
                 prepare_job(arch, settings, args.reference, root, args.loop_epochs)
@@ -703,4 +720,4 @@ def write_results(
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.run_main(main)

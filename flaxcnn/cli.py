@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import sys
+import traceback
+from collections.abc import Callable, Iterator
 from typing import NoReturn
 
 EXIT_BAD_INPUT = 2
@@ -23,3 +27,47 @@ class ArgumentParser(argparse.ArgumentParser):
 def fail(message: str, code: int = EXIT_BAD_INPUT) -> NoReturn:
     print(f"error: {message}", file=sys.stderr)
     raise SystemExit(code)
+
+
+def check_environment() -> None:
+    """One line for an environment setting that would otherwise end in pages of output
+    once JAX starts (call before it does): XLA_FLAGS holding something other than flags,
+    which XLA reads as the name of a file of flags and aborts on."""
+    for token in os.environ.get("XLA_FLAGS", "").split():
+        if not token.startswith("--"):
+            fail(
+                f"XLA_FLAGS holds {token!r}, which is not a --flag or --flag=value (XLA would "
+                "stop, reading it as a file of flags): correct or unset XLA_FLAGS"
+            )
+
+
+@contextlib.contextmanager
+def jax_backend_errors() -> Iterator[None]:
+    """JAX failing to start the platform that JAX_PLATFORMS names (cuda without a GPU,
+    a misspelling) as one line saying what to change, not a page of traceback."""
+    try:
+        yield
+    except (RuntimeError, AssertionError) as e:
+        if not _from_backend_start(e):
+            raise
+        platforms = os.environ.get("JAX_PLATFORMS", "")
+        reason = str(e).split("(set JAX_PLATFORMS")[0].strip().rstrip(":") or type(e).__name__
+        fail(
+            f"JAX could not start the platform JAX_PLATFORMS={platforms!r} asks for ({reason}): "
+            "unset JAX_PLATFORMS to use what this machine has, or name one it has (cpu)"
+        )
+
+
+def _from_backend_start(error: BaseException) -> bool:
+    if "Unable to initialize backend" in str(error):
+        return True
+    frames = traceback.extract_tb(error.__traceback__)
+    return bool(frames) and frames[-1].filename.endswith(os.path.join("_src", "xla_bridge.py"))
+
+
+def run_main(main: Callable[[], object]) -> NoReturn:
+    """What `python -m flaxcnn.COMMAND` runs: `main()`, with the environment checked first
+    and JAX's start-up failures reported in one line."""
+    check_environment()
+    with jax_backend_errors():
+        sys.exit(main())

@@ -22,7 +22,6 @@ that --help and bad arguments answer at once.
 from __future__ import annotations
 
 import argparse
-import sys
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -36,14 +35,30 @@ DEFAULT_NAME = "confusion_matrix.png"
 DEFAULT_BATCH_SIZE = 128
 
 
-def build_model(meta: dict):
-    """The network the checkpoint was trained as, without a data-parallel axis."""
+def build_model(meta: dict, variables: dict | None = None):
+    """The network the checkpoint was trained as, without a data-parallel axis; with
+    `variables`, checked (abstractly, in a second) to be the ones it takes."""
+    import flax
+    import jax
+
     from flaxcnn.training.build import Network
 
     try:
-        return Network.from_meta(meta).create()
+        network = Network.from_meta(meta)
+        model = network.create()
     except (ValueError, TypeError) as e:  # an architecture or option this version lacks
         raise cli.UsageError(str(e).splitlines()[0]) from None
+    if variables is not None:
+        x = jax.ShapeDtypeStruct(network.input_shape(), jax.numpy.float32)
+        try:
+            jax.eval_shape(lambda v, x: model.apply(v, x, train=False), variables, x)
+        except flax.errors.FlaxError as e:  # e.g. a layer the weights do not have
+            reason = str(e).splitlines()[0].split(" (https://")[0]
+            raise cli.UsageError(
+                f"the checkpoint's weights do not fit a {meta.get('arch')} network as its "
+                f"metadata describes it ({reason})"
+            ) from None
+    return model
 
 
 def load_test_split(meta: dict, data_dir: PathLike | None, skip_corrupt: bool = False):
@@ -139,7 +154,7 @@ def evaluate_workdir(
     data_dir = data_dir if data_dir is not None else config.get("data_dir")
 
     step, meta, variables = run.restore_variables(step)
-    model = build_model(meta)
+    model = build_model(meta, variables)
     dataset = load_test_split(meta, data_dir, bool(config.get("skip_corrupt", False)))
     from flaxcnn import data
 
@@ -274,4 +289,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.run_main(main)

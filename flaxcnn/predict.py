@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -239,11 +238,12 @@ def predict(
     workdir: PathLike,
     images: Sequence[PathLike],
     *,
-    top: int = DEFAULT_TOP,
+    top: int | None = None,
     step: int | None = None,
     batch_size: int = DEFAULT_BATCH_SIZE,
 ) -> list[list[tuple[str, float]]]:
-    """For each image, its `top` most probable (class, probability) pairs, most probable first.
+    """For each image, its `top` most probable (class, probability) pairs, most probable first
+    (by default DEFAULT_TOP, or every class of a network with fewer).
 
     `step` defaults to the best checkpoint, else the latest. Raises UsageError, having done
     no model work, for bad input: an unreadable image, a workdir without that checkpoint,
@@ -253,7 +253,7 @@ def predict(
         images = [images]
     if not images:
         raise cli.UsageError("no images given")
-    if top < 1:
+    if top is not None and top < 1:
         raise cli.UsageError(f"--top must be at least 1, got {top}")
     if batch_size < 1:
         raise cli.UsageError(f"--batch-size must be positive, got {batch_size}")
@@ -265,6 +265,8 @@ def predict(
 
     step, meta, variables = run.restore_variables(step)
     num_classes = meta["num_classes"]
+    if top is None:
+        top = min(DEFAULT_TOP, num_classes)
     if top > num_classes:
         raise cli.UsageError(f"--top {top} is more than the checkpoint's {num_classes} classes")
     labels = class_labels(meta)
@@ -272,7 +274,7 @@ def predict(
     inputs = np.stack([preprocess(p, preprocessing, meta["in_channels"]) for p in pixels])
     from flaxcnn.evaluate import build_model
 
-    model = build_model(meta)
+    model = build_model(meta, variables)
     probs = probabilities(model, variables, inputs, batch_size)
     return [top_classes(p, labels, top) for p in probs]
 
@@ -310,7 +312,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--workdir", required=True, help="the run's workdir")
     parser.add_argument(
-        "--top", type=int, default=DEFAULT_TOP, help=f"classes per image (default: {DEFAULT_TOP})"
+        "--top",
+        type=int,
+        help=f"classes per image (default: {DEFAULT_TOP}, or all of them where there are fewer)",
     )
     parser.add_argument(
         "--step", type=int, help="checkpoint step (default: the best, else the latest)"
@@ -334,4 +338,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.run_main(main)

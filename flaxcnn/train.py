@@ -3,21 +3,36 @@
 A thin command line over `flaxcnn.training.train`; every flag is a `TrainConfig` field.
 `python -m flaxcnn.train --workdir W` alone resumes W with the settings in its config.json.
 Exit codes: 0 done; 2 bad arguments or input (one line, nothing written); 1 training
-failed (the message says what to do); 128+N stopped by signal N after saving.
+failed (the message says what to do); 128+N stopped by signal N (after saving, if it came
+while training).
 """
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
-import logging
-import sys
-import types
-import typing
+import signal
 
-from flaxcnn import cli
-from flaxcnn.models import parsing
-from flaxcnn.training.config import TrainConfig, flag
+
+class StoppedOutsideTraining(BaseException):  # not Exception: no handler may swallow it
+    """SIGTERM while no step was running: before the trainer took over the signal (starting
+    up, compiling, restoring) or after it gave it back."""
+
+
+def _stop(signum, frame):
+    raise StoppedOutsideTraining(signum)
+
+
+if __name__ == "__main__":  # at once: the imports that follow take a second or more
+    signal.signal(signal.SIGTERM, _stop)
+
+import argparse  # noqa: E402
+import dataclasses  # noqa: E402
+import logging  # noqa: E402
+import types  # noqa: E402
+import typing  # noqa: E402
+
+from flaxcnn import cli  # noqa: E402
+from flaxcnn.models import parsing  # noqa: E402
+from flaxcnn.training.config import TrainConfig, flag  # noqa: E402
 
 
 def _type_of(field: dataclasses.Field) -> type:
@@ -58,6 +73,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
+    try:  # the trainer handles SIGTERM while it steps, and saves; this, the rest of the time
+        previous = signal.signal(signal.SIGTERM, _stop)
+    except ValueError:  # not the main thread
+        previous = None
+    try:
+        _main(argv)
+    except StoppedOutsideTraining:
+        print(
+            "stopped by SIGTERM outside the training steps (nothing lost since the last "
+            "checkpoint, if any): run the same command again to continue",
+            flush=True,
+        )
+        raise SystemExit(128 + signal.SIGTERM) from None
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _main(argv: list[str] | None) -> None:
     given = vars(build_parser().parse_args(argv))
     try:
         if "model_options" in given:
@@ -88,4 +122,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.run_main(main)

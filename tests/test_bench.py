@@ -214,6 +214,9 @@ IN_A_PROCESS = {"unknown architecture 'resnt20'. Did you mean resnet20", "larger
         (["--arch", "lenet5", "--loop", "--loop-epochs", "1"], "--loop-epochs must be at least 2"),
         (["--arch", "lenet5", "--loop", "--num-classes", "5"], "digits, which has 10 classes"),
         (["--arch", "lenet5", "--loop", "--batch-size", "2048"], "larger than the training"),
+        (["--arch", ","], "--arch ',' names no architecture"),
+        (["--arch", "lenet5", "--image-size", "100000"], "lower --image-size or --batch-size"),
+        (["--arch", "lenet5", "--json", "/nonexistent/b.json"], "/nonexistent does not exist"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(argv, message, capsys):

@@ -412,3 +412,39 @@ def test_importing_the_command_loads_neither_jax_nor_the_data_layer():
         timeout=60,
     )
     assert proc.stdout.split() == ["False", "False"], proc.stderr
+
+
+def test_a_network_with_fewer_classes_than_the_default_top_shows_them_all(
+    lenet_run, digits, tmp_path, capsys
+):
+    """The usual first folder has 2 or 3 classes: `predict` shows all of them by default
+    (it used to refuse, asking for --top); an explicit --top beyond them is still refused."""
+    _, meta, variables = RunDir(lenet_run).restore_variables()
+    variables = jax.tree.map(np.asarray, variables)
+    params = variables["params"]
+    output = next(n for n in params if params[n].get("bias", np.zeros(0)).shape == (10,))
+    params[output] = {"kernel": params[output]["kernel"][:, :3], "bias": params[output]["bias"][:3]}
+    names = ["circle", "square", "triangle"]
+    meta = {**meta, "num_classes": 3, "class_names": names}
+    three = save_run(tmp_path / "three", variables, meta)
+    results = pr.predict(three, digits["paths"][:2])
+    assert [sorted(name for name, _ in r) for r in results] == [names, names]
+    assert all(sum(p for _, p in r) == pytest.approx(1.0, abs=1e-5) for r in results)
+    pr.main(["--workdir", str(three), str(digits["paths"][0])])
+    assert sum(name in capsys.readouterr().out for name in names) == 3
+    with pytest.raises(cli.UsageError, match="--top 4 is more than the checkpoint's 3 classes"):
+        pr.predict(three, digits["paths"][:1], top=4)
+
+
+def test_weights_of_another_architecture_are_refused_in_one_line(lenet_run, digits, tmp_path):
+    """A checkpoint whose metadata names another network than its weights (a legacy or a
+    hand-edited one) used to end in Flax's ScopeParamNotFoundError traceback."""
+    from flaxcnn import evaluate
+
+    _, meta, variables = RunDir(lenet_run).restore_variables()
+    other = save_run(tmp_path / "other", variables, {**meta, "arch": "simple_cnn"})
+    with pytest.raises(cli.UsageError, match="do not fit a simple_cnn network") as error:
+        pr.predict(other, digits["paths"][:1])
+    assert "\n" not in str(error.value)
+    with pytest.raises(cli.UsageError, match="do not fit a simple_cnn network"):
+        evaluate.evaluate_workdir(other)

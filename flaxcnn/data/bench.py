@@ -60,18 +60,51 @@ def measure_throughput(
     return Throughput(images / elapsed, batches, first_batch)
 
 
+def check_batches_fit(batch_size: int, image_size: int, channels: int, workers: int) -> None:
+    """Refuse, in one line, batches that the read-ahead buffers could not hold in memory
+    (`--image-size 100000` grew past 3 GB in seconds before failing)."""
+    from flaxcnn.data.prefetch import PREFETCH_BATCHES
+    from flaxcnn.training.memory import available_bytes, format_bytes
+
+    batch = batch_size * image_size * image_size * channels * 4  # float32
+    needed = batch * (PREFETCH_BATCHES + 2) * max(1, workers)  # buffered, in hand, being made
+    limit, device = available_bytes()
+    if needed > limit:
+        cli.fail(
+            f"batches of {batch_size} at {image_size}x{image_size}x{channels} need about "
+            f"{format_bytes(needed)} read ahead, more than the {format_bytes(limit)} of this "
+            f"{device}: lower --image-size or --batch-size"
+        )
+
+
 def main(argv: list[str] | None = None) -> None:
-    parser = cli.ArgumentParser(prog="python -m flaxcnn.data.bench", description=__doc__)
+    parser = cli.ArgumentParser(
+        prog="python -m flaxcnn.data.bench",
+        description="Images per second the training data pipeline delivers once it runs, and "
+        "the time to its first batch: the host alone, no model and no accelerator.",
+    )
     parser.add_argument("--dataset", default="digits", help="digits, folder:PATH or a TFDS name")
     parser.add_argument(
         "--data-dir", default=None, help="default: $TFDS_DATA_DIR or ~/tensorflow_datasets"
     )
-    parser.add_argument("--batch-size", type=int, default=128, help="global batch size")
-    parser.add_argument("--image-size", type=int, default=32)
-    parser.add_argument("--channels", type=int, default=3, choices=(1, 3))
-    parser.add_argument("--no-augment", dest="augment", action="store_false")
-    parser.add_argument("--workers", type=int, default=0, help="grain worker processes")
-    parser.add_argument("--batches", type=int, default=300, help="batches to time")
+    parser.add_argument(
+        "--batch-size", type=int, default=128, help="global batch size (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--image-size", type=int, default=32, help="square image side (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--channels", type=int, default=3, choices=(1, 3), help="1 or 3 (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--no-augment", dest="augment", action="store_false", help="no random crops and flips"
+    )
+    parser.add_argument(
+        "--workers", type=int, default=0, help="grain worker processes (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--batches", type=int, default=300, help="batches to time (default: %(default)s)"
+    )
     args = parser.parse_args(argv)
     # Checked before loading, which may prepare (write) the data set.
     for flag, value in (
@@ -83,6 +116,7 @@ def main(argv: list[str] | None = None) -> None:
             cli.fail(f"{flag} must be positive, got {value}")
     if args.workers < 0:
         cli.fail(f"--workers must be >= 0, got {args.workers}")
+    check_batches_fit(args.batch_size, args.image_size, args.channels, args.workers)
     try:
         dataset = load(args.dataset, data_dir=args.data_dir)
         result = measure_throughput(
@@ -105,4 +139,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run_main(main)

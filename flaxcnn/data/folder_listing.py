@@ -51,6 +51,12 @@ def _visible(name: str) -> bool:
     return not name.startswith(".")
 
 
+def _unusable_class_name(name: str) -> bool:
+    """Names that would not come back as themselves from a printed report, a CSV row or a
+    text field: with a line break or other control character, or spaces at either end."""
+    return name != name.strip() or any(ord(c) < 32 or ord(c) == 127 for c in name)
+
+
 def _subdirectories(directory: Path) -> list[str]:
     return sorted(e.name for e in os.scandir(directory) if e.is_dir() and _visible(e.name))
 
@@ -118,6 +124,12 @@ def list_folder(path: str | os.PathLike) -> FolderListing:
     layout = f"expected one subdirectory of PNG/JPEG images per class ({root}/<class>/<image>)"
     if not class_names:
         raise ValueError(f"{where} has no class subdirectories; {layout}")
+    for name in class_names:
+        if _unusable_class_name(name):
+            raise ValueError(
+                f"{where}: the class directory {name!r} has a name that cannot stand as a class "
+                "name (a line break, a control character, or a space at either end): rename it"
+            )
     if len(class_names) == 1:
         raise ValueError(
             f"{where} has a single class ({class_names[0]!r}); a classifier needs at least two "

@@ -12,8 +12,17 @@ from tensorflow_datasets.core import constants
 
 
 def default_data_dir() -> Path:
-    """TFDS's local data directory: ``$TFDS_DATA_DIR``, else ``~/tensorflow_datasets``."""
-    return Path(os.environ.get("TFDS_DATA_DIR") or constants.DATA_DIR).expanduser()
+    """TFDS's local data directory: ``$TFDS_DATA_DIR``, else ``~/tensorflow_datasets``.
+
+    ValueError when TFDS_DATA_DIR is set but empty: TFDS would take it for the current
+    directory and prepare data sets wherever the command happens to run."""
+    value = os.environ.get("TFDS_DATA_DIR")
+    if value is not None and not value.strip():
+        raise ValueError(
+            "TFDS_DATA_DIR is set but empty: unset it (the default is ~/tensorflow_datasets) "
+            "or set it to a directory"
+        )
+    return Path(value or constants.DATA_DIR).expanduser()
 
 
 def resolve_data_dir(data_dir: str | os.PathLike | None) -> Path:

@@ -24,15 +24,23 @@ class TrainingError(RuntimeError):
 
 
 class NonFiniteLoss(TrainingError):
-    """The loss became non-finite at `step`; the last good checkpoint is in `checkpoints`."""
+    """The loss became non-finite at `step`; the last good checkpoint, if one was saved
+    (`last_saved`), is in `checkpoints`."""
 
-    def __init__(self, step: int, checkpoints: str | Path):
+    def __init__(self, step: int, checkpoints: str | Path, last_saved: int | None = None):
         self.step = step
         self.checkpoints = Path(checkpoints)
-        super().__init__(
-            f"the loss became non-finite at step {step}; the last good checkpoint is kept in "
-            f"{checkpoints}: lower --lr or check the data"
-        )
+        if last_saved is None:
+            advice = (
+                "no checkpoint had been saved: start again in a new --workdir with a lower "
+                "--lr, or check the data"
+            )
+        else:
+            advice = (
+                f"the last good checkpoint (step {last_saved}) is kept in {checkpoints}: "
+                "lower --lr or check the data"
+            )
+        super().__init__(f"the loss became non-finite at step {step}; {advice}")
 
 
 class Interrupted(Exception):

@@ -13,6 +13,7 @@ diverges and `Interrupted` after saving when a signal stops it (see `errors.py`)
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
 from collections.abc import Callable, Collection, Iterator
 from pathlib import Path
@@ -70,6 +71,11 @@ def train(
     setup = prepare(config)
     run = RunDir(setup.workdir)
     resuming = run.check_start(config.arch, config.resume)
+    if not resuming and run.read_config().get("arch"):
+        out(
+            f"note: {run.path} has no checkpoint (its run stopped before the first save): "
+            "starting it again from step 0 with the settings in its config.json"
+        )
     if resuming and previous:
         changed = resume.data_changes(previous.get("data"), setup.dataset.info)
         if changed and not config.accept_new_data:
@@ -113,12 +119,20 @@ def resume_settings(
 ) -> tuple[TrainConfig, dict | None, dict]:
     """(the config to run, the stored config.json, the changed settings) for `config`.
 
-    Only a workdir with a checkpoint and a config.json is resumed from its settings;
-    otherwise `config` is used as it is.
+    A workdir with a checkpoint and a config.json is resumed from its settings. One with a
+    config.json but no checkpoint (its run stopped before the first save) starts again from
+    step 0 with its settings, checked the same way (the stored config is then None).
+    Otherwise `config` is used as it is.
     """
     run = RunDir(config.workdir) if config.workdir else None
-    if run is None or config.resume is False or not run.has_checkpoint():
+    if run is None or config.resume is False:
         return config, None, {}
+    if not run.has_checkpoint():
+        stored = run.read_config()
+        if config.resume or not stored.get("arch") or stored.get("converted_from"):
+            return config, None, {}  # a fresh start: check_start refuses what it must
+        merged, _ = _reconcile(run, stored, config, explicit)
+        return dataclasses.replace(merged, resume=None), None, {}
     stored = run.read_config()
     if stored.get("converted_from"):
         raise UsageError(
@@ -130,6 +144,14 @@ def resume_settings(
             f"{run.path} holds checkpoints but no readable config.json with its settings, so "
             "a resume could not be checked against them; choose another --workdir"
         )
+    merged, changes = _reconcile(run, stored, config, explicit)
+    return merged, stored, changes
+
+
+def _reconcile(
+    run: RunDir, stored: dict, config: TrainConfig, explicit: Collection[str] | None
+) -> tuple[TrainConfig, dict]:
+    """The stored settings with the allowed changes in `config` (resume.reconcile)."""
     stored = {**resume.LEGACY, **stored}  # settings older runs did not record: as they ran
     explicit = resume.explicit_fields(config) if explicit is None else set(explicit)
 
@@ -145,8 +167,7 @@ def resume_settings(
                 raise UsageError(str(e)) from None
         return value
 
-    merged, changes = resume.reconcile(stored, config, explicit, normalise)
-    return merged, stored, changes
+    return resume.reconcile(stored, config, explicit, normalise)
 
 
 class Trainer:
@@ -374,7 +395,7 @@ class Trainer:
         host = sums.host()
         bad = host.get(steps.FIRST_NONFINITE, steps.ALL_FINITE)
         if bad < steps.ALL_FINITE:
-            raise NonFiniteLoss(int(bad), self.ckpts.directory)
+            raise NonFiniteLoss(int(bad), self.ckpts.directory, self.ckpts.latest_step())
         return host
 
     def _write_config(self) -> None:

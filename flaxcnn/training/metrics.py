@@ -116,11 +116,11 @@ def resume_file(path: Path, step: int, steps_per_epoch: int) -> list[str]:
     by `step`, is reported (those records cannot be recovered), not fatal.
     """
     notes: list[str] = []
+    finished = step // steps_per_epoch
     if not path.exists():
-        if step:
-            notes.append(
-                f"{path} is missing: the records up to step {step} are lost; new ones follow"
-            )
+        if finished:  # before the end of the first epoch, nothing had been written yet
+            span = "1" if finished == 1 else f"1-{finished}"
+            notes.append(f"{path} is missing: the records of epoch(s) {span} are lost")
         return notes
     records, dropped, torn = _parse(path, strict=False)
     if torn is not None:
@@ -129,7 +129,6 @@ def resume_file(path: Path, step: int, steps_per_epoch: int) -> list[str]:
         listed = ", ".join(map(str, dropped))
         notes.append(f"{path}: dropped line(s) {listed}, which are not JSON objects")
     kept = [r for r in records if r.get("step", 0) <= step] if step else []
-    finished = step // steps_per_epoch
     logged = {r.get("epoch") for r in kept if r.get("split") == "train"}
     lost = [e for e in range(1, finished + 1) if e not in logged]
     if lost:

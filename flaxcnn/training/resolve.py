@@ -102,6 +102,20 @@ def canonical_dataset(name: str) -> str:
     return name
 
 
+def check_workdir_outside_data(config: TrainConfig) -> None:
+    """A workdir inside a folder data set would be read back as a class (its checkpoints as
+    images): UsageError."""
+    if not (config.workdir and config.dataset.startswith(FOLDER)):
+        return
+    root = Path(config.dataset[len(FOLDER) :])
+    workdir = Path(config.workdir).expanduser().resolve()
+    if workdir == root or root in workdir.parents:
+        raise UsageError(
+            f"--workdir {config.workdir} is inside the data folder {root}, where its files "
+            "would be read as a class of images; choose a --workdir outside it"
+        )
+
+
 def model_options(config: TrainConfig, automatic: dict[str, Any]) -> dict[str, Any]:
     """The options the network is built with: the input's automatic ones (small stem), then
     --dropout, then the user's --model-option values, which win."""
@@ -124,6 +138,7 @@ def prepare(config: TrainConfig) -> Setup:
     """Validate everything that can be validated before touching the workdir."""
     config.validate()
     config = dataclasses.replace(config, dataset=canonical_dataset(config.dataset))
+    check_workdir_outside_data(config)
     spec = get_spec(config.arch)
     model_options(config, {})  # a bad option is reported before the data are read
     try:

@@ -164,6 +164,12 @@ def test_bench_rejects_bad_numbers_before_preparing_anything(tmp_path, capsys, f
     assert not (tmp_path / "tfds").exists()
 
 
+def test_bench_refuses_batches_that_cannot_fit_in_memory(tmp_path, capsys):
+    line = one_line_exit_2(capsys, ["--data-dir", str(tmp_path / "tfds"), "--image-size", "100000"])
+    assert "100000x100000x3 need about" in line and "lower --image-size or --batch-size" in line
+    assert not (tmp_path / "tfds").exists()
+
+
 def test_bench_rejects_a_non_number_in_one_line(capsys):
     assert "--batches" in one_line_exit_2(capsys, ["--batches", "many"])
 

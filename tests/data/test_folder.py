@@ -146,6 +146,20 @@ def test_unusable_folders_get_clear_messages(tmp_path, write_image, layout, mess
         data.load(f"folder:{root}", data_dir=tmp_path / "tfds")
 
 
+@pytest.mark.parametrize("name", ["x\ny", "x ", " x", "tab\there"])
+def test_class_names_that_cannot_stand_as_names_are_refused(tmp_path, write_image, name):
+    """'x' and 'x ' were one class in a report, and a line break split a CSV row."""
+    rng = np.random.default_rng(0)
+    root = tmp_path / "folder"
+    for cls in ("x" if name != "x" else "y", name):
+        (root / cls).mkdir(parents=True, exist_ok=True)
+        for i in range(3):
+            write_image(root / cls / f"{i}.png", rng)
+    with pytest.raises(ValueError, match="cannot stand as a class name") as error:
+        data.load(f"folder:{root}", data_dir=tmp_path / "tfds")
+    assert repr(name) in str(error.value) and "\n" not in str(error.value)
+
+
 def test_missing_folder(tmp_path):
     with pytest.raises(ValueError, match="no such directory"):
         data.load(f"folder:{tmp_path / 'nowhere'}", data_dir=tmp_path / "tfds")

@@ -513,3 +513,74 @@ def test_the_lock_holds_when_its_note_cannot_be_written(tmp_path):
     assert taken and (tmp_path / ".lock").read_text() == ""
     with RunDir(tmp_path).locked():
         assert f"process {os.getpid()}" in (tmp_path / ".lock").read_text()
+
+
+@pytest.mark.slow
+def test_a_workdir_without_a_checkpoint_starts_again_with_its_own_settings(
+    finished_run, copy_run, env, capsys
+):
+    """Its run stopped before the first save (killed while compiling, diverged, or its
+    checkpoints deleted): `--workdir W` alone starts it again from its config.json; a flag
+    that contradicts that is refused, with nothing written."""
+    import shutil
+
+    workdir = copy_run(finished_run)
+    shutil.rmtree(workdir / "checkpoints")
+    stored = json.loads((workdir / "config.json").read_text())
+    before = snapshot(workdir)
+    for argv, message in [
+        (["--arch", "resnet20"], "--arch resnet20 contradicts the run"),
+        (["--arch", "lenet5", "--lr", "0.3"], "--lr 0.3 contradicts the run"),
+    ]:
+        code, _, err = cli_lines(["--workdir", str(workdir), *argv], capsys)
+        assert code == 2 and len(err) == 1 and message in err[0], err
+        assert snapshot(workdir) == before
+
+    code, out, err = cli_lines(["--workdir", str(workdir)], capsys)
+    assert code == 0, err
+    assert out[0].startswith(f"note: {workdir} has no checkpoint (its run stopped before")
+    assert out[-1].startswith("test accuracy: ")
+    again = json.loads((workdir / "config.json").read_text())
+    assert {k: again[k] for k in ("arch", "epochs", "batch_size", "lr", "seed")} == {
+        k: stored[k] for k in ("arch", "epochs", "batch_size", "lr", "seed")
+    }
+    # The same settings and seed: the same run as the first, record for record.
+    rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    first = [json.loads(line) for line in (finished_run / "metrics.jsonl").read_text().splitlines()]
+    drop = ("images_per_sec",)
+    assert [{k: v for k, v in r.items() if k not in drop} for r in rows] == [
+        {k: v for k, v in r.items() if k not in drop} for r in first
+    ]
+
+
+def test_notes_on_resume_name_only_what_was_lost(tmp_path):
+    from flaxcnn.training import metrics
+
+    missing = tmp_path / "metrics.jsonl"
+    assert metrics.resume_file(missing, step=7, steps_per_epoch=22) == []  # none written yet
+    assert metrics.resume_file(missing, step=50, steps_per_epoch=22) == [
+        f"{missing} is missing: the records of epoch(s) 1-2 are lost"
+    ]
+
+
+def test_the_nonfinite_loss_error_says_whether_a_checkpoint_was_kept(tmp_path):
+    from flaxcnn.training.errors import NonFiniteLoss
+
+    kept = str(NonFiniteLoss(12, tmp_path, last_saved=10))
+    assert "at step 12; the last good checkpoint (step 10) is kept in" in kept
+    none = str(NonFiniteLoss(3, tmp_path, last_saved=None))
+    assert "at step 3; no checkpoint had been saved: start again in a new --workdir" in none
+    assert "kept" not in none
+
+
+@pytest.mark.parametrize("inside", ["run", "cat/run", "."])
+def test_a_workdir_inside_the_data_folder_is_refused(tmp_path, capsys, monkeypatch, inside):
+    """Its checkpoints would be read back as a class of images at the next resume."""
+    folder = tmp_path / "imgs"
+    for label in ("cat", "dog"):
+        (folder / label).mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    argv = ["--arch", "lenet5", "--dataset", "folder:imgs", "--workdir", f"imgs/{inside}"]
+    code, _, err = cli_lines(argv, capsys)
+    assert code == 2 and len(err) == 1 and "is inside the data folder" in err[0], err
+    assert sorted(p.name for p in folder.iterdir()) == ["cat", "dog"]  # nothing written

@@ -232,6 +232,22 @@ def test_interrupted_run_resumes_to_identical_metrics(
 
 
 @pytest.mark.slow
+def test_sigterm_before_the_first_step_exits_with_a_message(digits_data_dir, tmp_path):
+    """A second in, the trainer is still importing jax or compiling: no step to finish and
+    nothing to save, but the same kind of exit as a stop while training (no traceback)."""
+    proc = start([*BASE, "--workdir", str(tmp_path / "run")], digits_data_dir)
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
+    assert out.strip().splitlines()[-1].startswith("stopped by SIGTERM outside the training")
+    assert "Traceback" not in err
+    assert not (tmp_path / "run" / "checkpoints").exists() or not any(
+        p.name.isdigit() for p in (tmp_path / "run" / "checkpoints").iterdir()
+    )
+
+
+@pytest.mark.slow
 def test_nonfinite_loss_stops_with_the_step_and_keeps_good_checkpoints(digits_data_dir, tmp_path):
     workdir = tmp_path / "nan"
     result = run(
