@@ -6,7 +6,6 @@ import argparse
 import contextlib
 import os
 import sys
-import traceback
 from collections.abc import Callable, Iterator
 from typing import NoReturn
 
@@ -48,21 +47,28 @@ def jax_backend_errors() -> Iterator[None]:
     try:
         yield
     except (RuntimeError, AssertionError) as e:
-        if not _from_backend_start(e):
+        if not _backend_broken():  # JAX's devices start: the error was something else
             raise
         platforms = os.environ.get("JAX_PLATFORMS", "")
-        reason = str(e).split("(set JAX_PLATFORMS")[0].strip().rstrip(":") or type(e).__name__
+        reason = str(e).split("(set JAX_PLATFORMS")[0].strip().rstrip(":")
         fail(
-            f"JAX could not start the platform JAX_PLATFORMS={platforms!r} asks for ({reason}): "
-            "unset JAX_PLATFORMS to use what this machine has, or name one it has (cpu)"
+            f"JAX could not start the platform JAX_PLATFORMS={platforms!r} asks for"
+            + (f" ({reason})" if reason else "")
+            + ": unset JAX_PLATFORMS to use what this machine has, or name one it has (cpu)"
         )
 
 
-def _from_backend_start(error: BaseException) -> bool:
-    if "Unable to initialize backend" in str(error):
+def _backend_broken() -> bool:
+    """Whether JAX cannot start its devices. (Where it failed to, it also fails where
+    it starts them next, with an error of its own; JAX filters its frames from the
+    traceback it shows, so the error itself does not tell.)"""
+    if "jax" not in sys.modules:
+        return False
+    try:
+        sys.modules["jax"].devices()
+    except (RuntimeError, AssertionError):
         return True
-    frames = traceback.extract_tb(error.__traceback__)
-    return bool(frames) and frames[-1].filename.endswith(os.path.join("_src", "xla_bridge.py"))
+    return False
 
 
 def run_main(main: Callable[[], object]) -> NoReturn:

@@ -9,16 +9,28 @@ while training).
 
 from __future__ import annotations
 
+import contextlib
+import os
 import signal
-
-
-class StoppedOutsideTraining(BaseException):  # not Exception: no handler may swallow it
-    """SIGTERM while no step was running: before the trainer took over the signal (starting
-    up, compiling, restoring) or after it gave it back."""
+import sys
 
 
 def _stop(signum, frame):
-    raise StoppedOutsideTraining(signum)
+    """SIGTERM while no step is running: before the trainer takes the signal over (starting
+    up, importing, compiling, restoring) or after it gives it back. It exits at once, as
+    kill -9 would, which every file the trainer writes survives (each is replaced whole or
+    appended and synced); an exception raised here could land in a garbage-collection
+    callback, which ignores it."""
+    with contextlib.suppress(Exception):  # in the middle of a write, say
+        sys.stdout.flush()  # what was printed before comes first
+    os.write(1, STOPPED_OUTSIDE_TRAINING.encode())
+    os._exit(128 + signum)
+
+
+STOPPED_OUTSIDE_TRAINING = (
+    "stopped by SIGTERM outside the training steps (nothing lost since the last checkpoint, "
+    "if any): run the same command again to continue\n"
+)
 
 
 if __name__ == "__main__":  # at once: the imports that follow take a second or more
@@ -79,13 +91,6 @@ def main(argv: list[str] | None = None) -> None:
         previous = None
     try:
         _main(argv)
-    except StoppedOutsideTraining:
-        print(
-            "stopped by SIGTERM outside the training steps (nothing lost since the last "
-            "checkpoint, if any): run the same command again to continue",
-            flush=True,
-        )
-        raise SystemExit(128 + signal.SIGTERM) from None
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)

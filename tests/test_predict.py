@@ -431,7 +431,8 @@ def test_a_network_with_fewer_classes_than_the_default_top_shows_them_all(
     assert [sorted(name for name, _ in r) for r in results] == [names, names]
     assert all(sum(p for _, p in r) == pytest.approx(1.0, abs=1e-5) for r in results)
     pr.main(["--workdir", str(three), str(digits["paths"][0])])
-    assert sum(name in capsys.readouterr().out for name in names) == 3
+    printed = capsys.readouterr().out.splitlines()
+    assert len(printed) == 4 and sorted(line.split()[-1] for line in printed[1:]) == names
     with pytest.raises(cli.UsageError, match="--top 4 is more than the checkpoint's 3 classes"):
         pr.predict(three, digits["paths"][:1], top=4)
 
