@@ -33,6 +33,8 @@ class DatasetInfo:
     it (some TFDS sets such as imagenette): the pipelines resize every image anyway.
     ``mean``/``std`` are per stored channel on the 0..1 scale. ``hflip`` says whether a
     horizontal flip keeps the label (False for digits and other characters).
+    ``fingerprint`` changes with any file of a folder data set (its name, and so its class,
+    its size or its time); "" for other data sets.
     """
 
     name: str
@@ -44,6 +46,7 @@ class DatasetInfo:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     hflip: bool
+    fingerprint: str = ""
 
     @property
     def channels(self) -> int:

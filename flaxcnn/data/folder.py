@@ -352,6 +352,8 @@ def load_folder(
     metadata = builder.info.metadata
     if metadata["skipped"]:
         log.warning("%s: %d file(s) skipped", where, len(metadata["skipped"]))
-    return dataset_from_builder(
+    dataset = dataset_from_builder(
         builder, name=where, mean=metadata["mean"], std=metadata["std"], hflip=metadata["hflip"]
     )
+    info = dataclasses.replace(dataset.info, fingerprint=fingerprint)
+    return dataclasses.replace(dataset, info=info)

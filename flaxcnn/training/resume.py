@@ -39,8 +39,11 @@ MAY_CHANGE = frozenset(
 )
 # Settings that runs before this version did not record, with the value they ran with.
 LEGACY = {"precise_bn": 0, "skip_corrupt": False, "freeze_backbone": False}
-# What the stored run's data looked like: a changed folder shows in its counts or statistics.
-DATA_KEYS = ("name", "num_classes", "class_names", "num_train", "num_test", "mean", "std")
+# What the stored run's data looked like: a changed folder shows in its fingerprint (any file
+# added, removed, moved to another class, resized or touched), counts or statistics.
+DATA_KEYS = (
+    "name", "num_classes", "class_names", "num_train", "num_test", "mean", "std", "fingerprint",
+)  # fmt: skip
 
 
 def explicit_fields(config: TrainConfig) -> set[str]:
@@ -136,10 +139,12 @@ def data_changes(stored: dict[str, Any] | None, info: Any) -> list[str]:
     if not stored:
         return []
     now = data_signature(info)
+    changed = [k for k in DATA_KEYS if k in stored and not same(stored[k], now[k])]
     return [
-        f"{k} {_show(stored.get(k))} -> {_show(now[k])}"
-        for k in DATA_KEYS
-        if k in stored and not same(stored[k], now[k])
+        "its files (names, classes, sizes or times)"
+        if k == "fingerprint"
+        else f"{k} {_show(stored.get(k))} -> {_show(now[k])}"
+        for k in changed
     ]
 
 

@@ -144,6 +144,16 @@ def test_folder_runs_store_the_resolved_path_and_stop_when_the_folder_changed(
     monkeypatch.chdir("/")
     assert evaluate.evaluate_workdir(workdir)["num_examples"] == saved["data"]["num_test"]
 
+    # Two images change class (the counts and pixel statistics stay the same): noticed.
+    (folder / "a" / "0.png").rename(folder / "b" / "from-a.png")
+    (folder / "b" / "0.png").rename(folder / "a" / "from-b.png")
+    before = snapshot(workdir)
+    code, _, err = cli_lines(["--workdir", str(workdir), "--epochs", "2"], capsys)
+    assert code == 2 and "changed since the run" in err[-1] and "its files" in err[-1], err
+    assert snapshot(workdir) == before
+    (folder / "b" / "from-a.png").rename(folder / "a" / "0.png")
+    (folder / "a" / "from-b.png").rename(folder / "b" / "0.png")
+
     # The folder grows: a resume says what changed and stops; with --accept-new-data it goes on.
     for i in range(10, 15):
         Image.new("L", (8, 8), 200 + i).save(folder / "b" / f"{i}.png")
