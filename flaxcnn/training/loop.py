@@ -71,8 +71,8 @@ def train(
     setup = prepare(config)
     run = RunDir(setup.workdir)
     resuming = run.check_start(config.arch, config.resume)
-    if not resuming and run.read_config().get("arch"):
-        out(
+    if not resuming and config.resume is None and run.read_config().get("arch"):
+        out(  # (with --no-resume, it is started again with the settings given)
             f"note: {run.path} has no checkpoint (its run stopped before the first save): "
             "starting it again from step 0 with the settings in its config.json"
         )
