@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import shlex
 import sys
 from collections.abc import Callable, Iterator
 from typing import NoReturn
@@ -32,7 +33,11 @@ def check_environment() -> None:
     """One line for an environment setting that would otherwise end in pages of output
     once JAX starts (call before it does): XLA_FLAGS holding something other than flags,
     which XLA reads as the name of a file of flags and aborts on."""
-    for token in os.environ.get("XLA_FLAGS", "").split():
+    try:  # as XLA reads them: a quoted value may hold spaces
+        tokens = shlex.split(os.environ.get("XLA_FLAGS", ""))
+    except ValueError:  # unbalanced quotes: left to XLA
+        return
+    for token in tokens:
         if not token.startswith("--"):
             fail(
                 f"XLA_FLAGS holds {token!r}, which is not a --flag or --flag=value (XLA would "
