@@ -40,9 +40,9 @@ class CheckpointWriteError(OSError):
     """A checkpoint could not be written (disk full, directory unwritable)."""
 
 
+IN_FLIGHT_S = 1.0  # how long writes still in flight after a failed one take to fail
 # tensorstore's errors, which orbax passes on as ValueError, end with the errno, e.g.
 # 'RESOURCE_EXHAUSTED: ... No space left on device [os_error_code='28']'.
-IN_FLIGHT_S = 1.0  # how long writes still in flight after a failed one take to fail
 _OS_ERROR_CODE = re.compile(r"\[os_error_code='(\d+)'\]")
 
 

@@ -127,13 +127,12 @@ def resume_settings(
     run = RunDir(config.workdir) if config.workdir else None
     if run is None or config.resume is False:
         return config, None, {}
+    stored = run.read_config()
     if not run.has_checkpoint():
-        stored = run.read_config()
         if config.resume or not stored.get("arch") or stored.get("converted_from"):
             return config, None, {}  # a fresh start: check_start refuses what it must
         merged, _ = _reconcile(run, stored, config, explicit)
         return dataclasses.replace(merged, resume=None), None, {}
-    stored = run.read_config()
     if stored.get("converted_from"):
         raise UsageError(
             f"{run.path} holds converted weights, not a training run: start a run from them "

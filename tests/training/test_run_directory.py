@@ -20,9 +20,17 @@ from PIL import Image
 
 from flaxcnn import evaluate, plot
 from flaxcnn import train as cli
-from flaxcnn.training import TrainConfig, TrainingError, UsageError, train
+from flaxcnn.training import TrainConfig, TrainingError, UsageError, metrics, train
 from flaxcnn.training.checkpoint import CHECKSUMS
-from flaxcnn.training.rundir import RunDir
+from flaxcnn.training.rundir import RunDir, checkpoint_steps
+
+
+def untimed_records(workdir: Path) -> list[dict]:
+    """The run's metrics.jsonl without its timings, which differ between identical runs."""
+    return [
+        {k: v for k, v in r.items() if k not in metrics.TIMING_FIELDS}
+        for r in metrics.read(workdir)
+    ]
 
 
 def snapshot(directory: Path) -> dict[str, str]:
@@ -444,11 +452,8 @@ def test_data_worker_processes_checkpoint_and_resume_like_none(finished_run, cop
         results[workers] = train(
             config, out=quiet, explicit={"workdir", "epochs", "workers", "checkpoint_every"}
         )
-        rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
-        results[workers, "rows"] = [
-            {k: v for k, v in r.items() if k != "images_per_sec"} for r in rows
-        ]
-        steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+        results[workers, "rows"] = untimed_records(workdir)
+        steps = checkpoint_steps(workdir / "checkpoints")
         assert steps[-1] == 33  # 11 steps an epoch; saved mid-epoch (every 4) and at the end
     assert results[2] == results[0]
     assert results[2, "rows"] == results[0, "rows"]
@@ -491,7 +496,7 @@ def test_a_full_disk_is_a_checkpoint_write_error_whatever_orbax_calls_it(
         ckpts.save(1, {"w": np.zeros(3)}, {"step": 1}, {})
     ckpts.close()
     if reported:
-        assert raised.value.errno == error.errno if isinstance(error, OSError) else 28
+        assert raised.value.errno == (error.errno if isinstance(error, OSError) else 28)
         assert raised.value.strerror in ("No space left on device", "Permission denied")
         assert capsys.readouterr().err == ""  # the caller's line is all the user sees
     else:
@@ -555,17 +560,10 @@ def test_a_workdir_without_a_checkpoint_starts_again_with_its_own_settings(
         k: stored[k] for k in ("arch", "epochs", "batch_size", "lr", "seed")
     }
     # The same settings and seed: the same run as the first, record for record.
-    rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
-    first = [json.loads(line) for line in (finished_run / "metrics.jsonl").read_text().splitlines()]
-    drop = ("images_per_sec",)
-    assert [{k: v for k, v in r.items() if k not in drop} for r in rows] == [
-        {k: v for k, v in r.items() if k not in drop} for r in first
-    ]
+    assert untimed_records(workdir) == untimed_records(finished_run)
 
 
 def test_notes_on_resume_name_only_what_was_lost(tmp_path):
-    from flaxcnn.training import metrics
-
     missing = tmp_path / "metrics.jsonl"
     assert metrics.resume_file(missing, step=7, steps_per_epoch=22) == []  # none written yet
     assert metrics.resume_file(missing, step=50, steps_per_epoch=22) == [
