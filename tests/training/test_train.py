@@ -127,9 +127,10 @@ TOLERANCES = {"params": (1e-3, 1e-4), "batch_stats": (2e-3, 1e-4)}  # rtol, atol
 def test_one_device_four_devices_pmap_and_shard_map_agree(digits_data_dir, tmp_path):
     """Same global batch and seed: 1 device == 4 devices (pmap) == 4 devices (shard_map),
     in losses, parameters and BatchNorm statistics after an epoch (assert_same_training).
-    A small learning rate keeps training from amplifying the rounding differences. The
-    1-device run is a process of its own; the 4-device ones run here, on the test
-    process's 4 CPU devices (tests/conftest.py), through the same command line."""
+    The 2-block network learns at the default rate (test accuracy 0.34 after the epoch)
+    while its runs differ by about 1e-7 (LOSS_RTOL). The 1-device run is a process of its
+    own; the 4-device ones run here, on the test process's 4 CPU devices
+    (tests/conftest.py), through the same command line."""
     args = [*BASE, *SMALL_BN_NET, "--epochs", "1", "--batch-size", "64"]
     one = start([*args, "--workdir", str(tmp_path / "one")], digits_data_dir, devices=1)
     assert jax.local_device_count() == 4
