@@ -33,6 +33,7 @@ from flaxcnn.training import (
     metrics,
     parallel,
     precise_bn,
+    resolve,
     resume,
     steps,
     warm_start,
@@ -68,7 +69,7 @@ def train(
     source = None  # a bad --init-from is refused before the data are even read
     if config.init_from and previous is None:  # not resuming: the source is where it starts
         source = warm_start.locate(config.init_from, config.arch)
-    setup = prepare(config)
+    setup = prepare(config, previous)
     run = RunDir(setup.workdir)
     resuming = run.check_start(config.arch, config.resume)
     if not resuming and config.resume is None and run.read_config().get("arch"):
@@ -100,9 +101,7 @@ def train(
     run.create()
     primary = jax.process_index() == 0
     with run.locked() if primary else contextlib.nullcontext():  # one run per workdir
-        tx, schedule = setup.optimizer.build()
-        if trainable is not None:
-            tx = freeze.mask_optimizer(tx, trainable)
+        tx, schedule = build_optimizer(setup, trainable)
         state = create_train_state(setup.network, tx, config.seed)
         replaced: list[str] = []
         if loaded is not None:
@@ -112,6 +111,15 @@ def train(
             if replaced:
                 trainer.out(f"--init-from: re-initialised {', '.join(replaced)} (shape differs)")
             return trainer.fit()
+
+
+def build_optimizer(setup: Setup, trainable: Any = None):
+    """(optax transformation, learning-rate schedule) for the run; with a --freeze-backbone
+    mask, only the trainable parameters are updated."""
+    tx, schedule = setup.optimizer.build()
+    if trainable is not None:
+        tx = freeze.mask_optimizer(tx, trainable)
+    return tx, schedule
 
 
 def resume_settings(
@@ -207,6 +215,9 @@ class Trainer:
             state, data_state = self._restore(state)
             previous, changes = history
             previous = dict(previous or run.read_config())
+            if "data" in changes:  # the epochs left are planned on the new data
+                state, data_state = self._replan(state, data_state, previous, changes)
+                setup = self.setup
             entry = resume.history_entry(self.step, changes)
             previous["history"] = [*previous.get("history", []), entry]
         notes = []
@@ -218,7 +229,15 @@ class Trainer:
             if primary and history is None:
                 self._write_config()
             if primary:  # once the resume is known to be valid
-                notes = metrics.resume_file(run.metrics_path, self.step, setup.steps_per_epoch)
+                finished = setup.plan.epoch_of(self.step)
+                notes = metrics.resume_file(run.metrics_path, self.step, finished)
+                if history is not None and "steps_per_epoch" in history[1]:
+                    before, now = history[1]["steps_per_epoch"]
+                    notes.append(
+                        f"the data changed: epochs of {now} steps (were {before}); epoch "
+                        f"{finished + 1} ends at step {setup.plan.epoch_end(finished)}, the "
+                        f"last at step {setup.total_steps}"
+                    )
             self.writer = metrics.MetricsWriter(run.path, enabled=primary, resume_step=self.step)
         except OSError as e:
             raise TrainingError(f"cannot write to {run.path}: {e.strerror or e}") from None
@@ -231,7 +250,7 @@ class Trainer:
         self.batches = iter(self._pipeline(augment=True))
         self._closers.append(self.batches.close)
         if data_state is not None:
-            if config.accept_new_data:  # the same position in the stream of the new data
+            if config.accept_new_data:  # the data's signature is the new data's
                 data_state = {**self.batches.get_state(), "step": data_state["step"]}
             self.batches.set_state(data_state)
         # A frozen backbone keeps the source's BatchNorm statistics: nothing to recompute.
@@ -249,6 +268,22 @@ class Trainer:
     def __exit__(self, *exc) -> None:
         for close in reversed(self._closers):
             close()
+
+    def _replan(
+        self, state: TrainState, data_state: dict, previous: dict, changes: dict
+    ) -> tuple[TrainState, dict]:
+        """Continue on changed data (--accept-new-data) from the step reached: the epochs
+        finished stay finished, the rest are planned at the new data's epoch length (which
+        changes the schedule's length to match); the data continue at the same place in
+        the new data's stream. Returns the state and data position to continue from."""
+        setup = self.setup
+        old = resolve.EpochPlan.stored(previous, setup.steps_per_epoch)
+        plan = old.replanned(self.step, setup.steps_per_epoch)
+        if plan.steps_per_epoch != old.steps_per_epoch:
+            changes["steps_per_epoch"] = [old.steps_per_epoch, plan.steps_per_epoch]
+        self.setup = setup = setup.with_plan(plan)
+        tx, self.schedule = build_optimizer(setup, self.trainable)
+        return state.replace(tx=tx), {**data_state, "step": plan.data_index(self.step)}
 
     def _pipeline(self, augment: bool) -> data.TrainPipeline:
         net = self.setup.network
@@ -296,7 +331,7 @@ class Trainer:
             self._write_config()
         with self.stop.installed():
             while self.step < setup.total_steps:
-                epoch = self.step // setup.steps_per_epoch
+                epoch = setup.plan.epoch_of(self.step)
                 record = self.train_epoch(epoch)
                 test = self.end_epoch(record) or test
         self.out(f"test accuracy: {test['accuracy']:.4f}")
@@ -306,11 +341,11 @@ class Trainer:
         """Step to the end of `epoch`; its training record. A stop agreed mid-epoch saves
         the step reached (with the epoch's running sums) and raises `Interrupted`."""
         setup, config, par = self.setup, self.config, self.par
-        end = (epoch + 1) * setup.steps_per_epoch
+        end = setup.plan.epoch_end(epoch)
         first, start = self.step, time.perf_counter()
         sums = EpochSums(par.get_metrics, self.carried)
         self.carried = None
-        done = self.step % setup.steps_per_epoch
+        done = self.step - (end - setup.steps_per_epoch)
         with console.progress_bar(setup, epoch, done, config.progress) as bar:
             while self.step < end:
                 batch = par.put_batch(next(self.batches))
@@ -332,7 +367,7 @@ class Trainer:
                         self.save(epoch_sums=self.finite(sums))
                         raise self.interrupted()
                     break
-                if self.step % setup.checkpoint_every == 0 and self.step < end:
+                if setup.checkpoint_due(self.step) and self.step < end:
                     self.save(epoch_sums=self.finite(sums))
         elapsed = time.perf_counter() - start
         return {
@@ -356,7 +391,7 @@ class Trainer:
             metrics = {BEST_METRIC: test["accuracy"]}
         self.out(console.epoch_line(setup, record, test))
         stopping = self.stop.due(sync_point=True)
-        if self.step % setup.checkpoint_every == 0 or last or stopping:
+        if setup.checkpoint_due(self.step) or last or stopping:
             self.save(metrics=metrics)
         if stopping and not last:
             raise self.interrupted()

@@ -108,15 +108,14 @@ def _parse(
     return records, dropped, torn
 
 
-def resume_file(path: Path, step: int, steps_per_epoch: int) -> list[str]:
+def resume_file(path: Path, step: int, finished: int) -> list[str]:
     """Make `metrics.jsonl` what an uninterrupted run would have at `step`; say what was lost.
 
     Records logged after `step` are dropped (they are about to be logged again), so is a
-    torn last line; a missing file, or one without the train records of epochs finished
-    by `step`, is reported (those records cannot be recovered), not fatal.
+    torn last line; a missing file, or one without the train records of the `finished`
+    epochs, is reported (those records cannot be recovered), not fatal.
     """
     notes: list[str] = []
-    finished = step // steps_per_epoch
     if not path.exists():
         if finished:  # before the end of the first epoch, nothing had been written yet
             span = "1" if finished == 1 else f"1-{finished}"

@@ -32,6 +32,59 @@ MIN_DEFAULT_BATCH = 8  # ...but not below this
 
 
 @dataclasses.dataclass(frozen=True)
+class EpochPlan:
+    """Where the epochs fall among a run's steps.
+
+    From `start_step` on, epochs are `steps_per_epoch` steps long, the first of them
+    epoch `start_epoch` (counted from 0). A run starts with the plan (n, 0, 0). A run
+    continued on data whose size changed (`--accept-new-data`) gets a new plan from the
+    step it reached (`replanned`): its finished epochs stay finished, the one in progress
+    ends after the new epoch's length, and the rest follow at the new length.
+    """
+
+    steps_per_epoch: int
+    start_step: int = 0
+    start_epoch: int = 0
+
+    def epoch_of(self, step: int) -> int:
+        """The epoch (from 0) that the step after `step` belongs to."""
+        return self.start_epoch + (step - self.start_step) // self.steps_per_epoch
+
+    def epoch_end(self, epoch: int) -> int:
+        """The step at which `epoch` (from 0) ends."""
+        return self.start_step + (epoch - self.start_epoch + 1) * self.steps_per_epoch
+
+    def total_steps(self, epochs: int) -> int:
+        return self.epoch_end(epochs - 1)
+
+    def data_index(self, step: int) -> int:
+        """The index, in the data pipeline's stream of batches, of the batch after `step`:
+        batch i belongs to the pipeline's epoch i // steps_per_epoch."""
+        return self.start_epoch * self.steps_per_epoch + step - self.start_step
+
+    def replanned(self, step: int, steps_per_epoch: int) -> EpochPlan:
+        """The plan from `step` on, with epochs of `steps_per_epoch` steps: the epoch in
+        progress keeps the steps it has done (at most one fewer than the new length)."""
+        epoch = self.epoch_of(step)
+        done = step - (self.epoch_end(epoch) - self.steps_per_epoch)
+        return EpochPlan(steps_per_epoch, step - min(done, steps_per_epoch - 1), epoch)
+
+    def to_json(self) -> dict[str, int]:
+        """The part config.json records besides `steps_per_epoch`."""
+        return {"start_step": self.start_step, "start_epoch": self.start_epoch}
+
+    @classmethod
+    def stored(cls, config_json: dict[str, Any], steps_per_epoch: int) -> EpochPlan:
+        """The plan of a stored run (runs before plans were recorded: (n, 0, 0))."""
+        anchor = config_json.get("epoch_plan") or {}
+        return cls(
+            int(config_json.get("steps_per_epoch") or steps_per_epoch),
+            int(anchor.get("start_step", 0)),
+            int(anchor.get("start_epoch", 0)),
+        )
+
+
+@dataclasses.dataclass(frozen=True)
 class Setup:
     """Everything resolved from the config and the data before the first step."""
 
@@ -43,16 +96,34 @@ class Setup:
     workdir: Path
     batch_size: int
     batch_size_chosen: bool  # True when the batch was chosen for the data, not given
-    steps_per_epoch: int
+    plan: EpochPlan
     optimizer: optim.OptimizerSettings
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.plan.steps_per_epoch
 
     @property
     def total_steps(self) -> int:
         return self.optimizer.total_steps
 
+    def with_plan(self, plan: EpochPlan) -> Setup:
+        """This setup with another epoch plan (and the schedule's length to match)."""
+        total = plan.total_steps(self.config.epochs)
+        return dataclasses.replace(
+            self, plan=plan, optimizer=dataclasses.replace(self.optimizer, total_steps=total)
+        )
+
     @property
     def checkpoint_every(self) -> int:
         return self.config.checkpoint_every or self.steps_per_epoch
+
+    def checkpoint_due(self, step: int) -> bool:
+        """Whether a checkpoint is written at `step` (the last step and stops aside): every
+        --checkpoint-every steps, or else at each epoch's end."""
+        if self.config.checkpoint_every:
+            return step % self.config.checkpoint_every == 0
+        return (step - self.plan.start_step) % self.steps_per_epoch == 0
 
     def meta(self) -> dict[str, Any]:
         """What a checkpoint records: the network, the data it classifies, and how an image
@@ -134,8 +205,10 @@ def model_options(config: TrainConfig, automatic: dict[str, Any]) -> dict[str, A
     return options
 
 
-def prepare(config: TrainConfig) -> Setup:
-    """Validate everything that can be validated before touching the workdir."""
+def prepare(config: TrainConfig, stored: dict[str, Any] | None = None) -> Setup:
+    """Validate everything that can be validated before touching the workdir.
+
+    `stored` is the config.json of the run being resumed: its epoch plan is kept."""
     config.validate()
     config = dataclasses.replace(config, dataset=canonical_dataset(config.dataset))
     check_workdir_outside_data(config)
@@ -183,7 +256,10 @@ def prepare(config: TrainConfig) -> Setup:
     if jax.process_count() > 1 and config.workdir is None:
         raise UsageError("with several processes, give every process the same --workdir")
     steps_per_epoch = num_train // batch_size
-    total_steps = steps_per_epoch * config.epochs
+    # A resumed run keeps its plan (when its data changed size, `Trainer` re-plans from
+    # the step it reached).
+    anchor = EpochPlan.stored(stored, steps_per_epoch).to_json() if stored else {}
+    plan = EpochPlan(steps_per_epoch, **anchor)
     return Setup(
         config=config,
         dataset=dataset,
@@ -193,11 +269,11 @@ def prepare(config: TrainConfig) -> Setup:
         workdir=Path(config.workdir) if config.workdir else default_workdir(config),
         batch_size=batch_size,
         batch_size_chosen=config.batch_size is None,
-        steps_per_epoch=steps_per_epoch,
+        plan=plan,
         optimizer=optim.OptimizerSettings.from_config(
             config,
             batch_size=batch_size,
-            total_steps=total_steps,
+            total_steps=plan.total_steps(config.epochs),
             warmup_steps=round(config.warmup_epochs * steps_per_epoch),
         ),
     )
@@ -229,6 +305,7 @@ def resolved_config(setup: Setup, previous: dict[str, Any] | None = None) -> dic
         "batch_size_chosen": previous.get("batch_size_chosen", setup.batch_size_chosen),
         "peak_lr": setup.optimizer.peak_lr,
         "steps_per_epoch": setup.steps_per_epoch,
+        "epoch_plan": setup.plan.to_json(),
         "checkpoint_every_steps": setup.checkpoint_every,
         "total_steps": setup.total_steps,
         "data": resume.data_signature(setup.dataset.info),

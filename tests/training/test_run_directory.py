@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -177,6 +178,64 @@ def test_folder_runs_store_the_resolved_path_and_stop_when_the_folder_changed(
     assert code == 0, err
     history = json.loads((workdir / "config.json").read_text())["history"]
     assert "data" in history[-1]["changes"]
+
+
+@pytest.mark.slow
+def test_continuing_on_a_smaller_folder_plans_the_remaining_epochs_from_the_step_reached(
+    env, tmp_path, capsys, monkeypatch
+):
+    """--accept-new-data after images were removed (fewer steps per epoch): the epochs
+    finished stay finished, each later epoch is one of the new data, none is skipped."""
+    folder = tmp_path / "imgs"
+    for label in ("a", "b"):
+        (folder / label).mkdir(parents=True)
+        for i in range(15):  # 24 train / 6 test images: 6 steps of 4
+            value = (40 if label == "a" else 200) + i
+            Image.new("L", (8, 8), value).save(folder / label / f"{i}.png")
+    monkeypatch.chdir(tmp_path)
+    run, mid = tmp_path / "run", tmp_path / "mid"
+    base = ["--arch", "simple_cnn", "--no-progress", "--batch-size", "4"]
+    argv = [*base, "--dataset", "folder:imgs", "--epochs", "1", "--checkpoint-every", "5"]
+    assert cli_lines([*argv, "--workdir", str(run)], capsys)[0] == 0
+    assert json.loads((run / "config.json").read_text())["steps_per_epoch"] == 6
+    shutil.copytree(run, mid)
+    for i in range(3):  # 21 train images: 5 steps an epoch
+        (folder / "b" / f"{i}.png").unlink()
+
+    def train_records(workdir: Path) -> list[tuple[int, int]]:
+        return [(r["epoch"], r["step"]) for r in metrics.read(workdir) if r["split"] == "train"]
+
+    # From the end of epoch 1 (step 6): epoch 2 is 5 steps of the new data.
+    code, out, err = cli_lines(
+        ["--workdir", str(run), "--epochs", "2", "--accept-new-data"], capsys
+    )
+    assert code == 0, err
+    assert not [line for line in out if "lost" in line], out
+    note = "note: the data changed: epochs of 5 steps (were 6); epoch 2 ends at step 11, the"
+    assert f"{note} last at step 11" in out, out
+    assert train_records(run) == [(1, 6), (2, 11)]
+    saved = json.loads((run / "config.json").read_text())
+    assert (saved["steps_per_epoch"], saved["total_steps"]) == (5, 11)
+    assert saved["epoch_plan"] == {"start_step": 6, "start_epoch": 1}
+    assert saved["history"][-1]["changes"]["steps_per_epoch"] == [6, 5]
+    assert checkpoint_steps(run / "checkpoints")[-1] == 11
+    # The plan is kept: a later resume adds epochs of 5 steps.
+    assert cli_lines(["--workdir", str(run), "--epochs", "3"], capsys)[0] == 0
+    assert train_records(run) == [(1, 6), (2, 11), (3, 16)]
+
+    # From step 5 of epoch 1 (a mid-epoch checkpoint), already a new epoch's length: epoch 1
+    # keeps 4 of its steps and ends one step later, at 6; epoch 2 at 11.
+    shutil.rmtree(mid / "checkpoints" / "6")
+    code, out, err = cli_lines(
+        ["--workdir", str(mid), "--epochs", "2", "--accept-new-data"], capsys
+    )
+    assert code == 0, err
+    assert "resuming     from step 5" in "\n".join(out)
+    assert train_records(mid) == [(1, 6), (2, 11)]
+    assert json.loads((mid / "config.json").read_text())["epoch_plan"] == {
+        "start_step": 1,
+        "start_epoch": 0,
+    }
 
 
 @pytest.mark.slow
@@ -565,8 +624,8 @@ def test_a_workdir_without_a_checkpoint_starts_again_with_its_own_settings(
 
 def test_notes_on_resume_name_only_what_was_lost(tmp_path):
     missing = tmp_path / "metrics.jsonl"
-    assert metrics.resume_file(missing, step=7, steps_per_epoch=22) == []  # none written yet
-    assert metrics.resume_file(missing, step=50, steps_per_epoch=22) == [
+    assert metrics.resume_file(missing, step=7, finished=0) == []  # none written yet
+    assert metrics.resume_file(missing, step=50, finished=2) == [
         f"{missing} is missing: the records of epoch(s) 1-2 are lost"
     ]
 
