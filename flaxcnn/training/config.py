@@ -110,6 +110,9 @@ class TrainConfig:
     )
     num_processes: int | None = setting(None, "number of processes (with --coordinator-address)")
     process_id: int | None = setting(None, "this process's index (with --coordinator-address)")
+    coordinator_timeout: int = setting(
+        300, "seconds to wait for every process to join before giving up"
+    )
     init_from: str | None = setting(
         None,
         "workdir or checkpoint directory of the same architecture to start from; the "
@@ -137,6 +140,7 @@ class TrainConfig:
             "checkpoint_every": self.checkpoint_every,
             "lr": self.lr,
             "num_processes": self.num_processes,
+            "coordinator_timeout": self.coordinator_timeout,
         }
         for name, value in positive.items():
             if value is not None and not (value > 0 and math.isfinite(value)):

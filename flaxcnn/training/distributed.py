@@ -15,6 +15,8 @@ any process stops all of them after the same step (`any_signal`).
 from __future__ import annotations
 
 import os
+import sys
+import threading
 
 import jax
 import numpy as np
@@ -63,10 +65,58 @@ def initialize(config) -> None:
     if jax.config.jax_cpu_collectives_implementation in (None, "", "none"):
         # Without a cross-process implementation, CPU computations cannot communicate.
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    try:
-        jax.distributed.initialize(address, num_processes=count, process_id=index)
+    timeout = config.coordinator_timeout
+    note = threading.Timer(NOTE_AFTER_S, _say, [_waiting(address, count, index, timeout)])
+    give_up = threading.Timer(timeout, _give_up, [_timed_out(address, count, index, timeout)])
+    for timer in (note, give_up):
+        timer.daemon = True
+        timer.start()
+    try:  # JAX's own deadline, later than ours, would abort with a C++ stack trace
+        jax.distributed.initialize(
+            address,
+            num_processes=count,
+            process_id=index,
+            initialization_timeout=timeout + JAX_DEADLINE_MARGIN_S,
+        )
     except ValueError as e:  # e.g. no process count given and no cluster detected
         raise UsageError(f"cannot start jax.distributed at {address}: {e}") from None
+    finally:
+        note.cancel()
+        give_up.cancel()
+
+
+NOTE_AFTER_S = 5.0  # joining takes well under a second when every process is there
+JAX_DEADLINE_MARGIN_S = 60
+
+
+def _waiting(address: str, count: int | None, index: int | None, timeout: int) -> str:
+    who = "the other processes" if index == 0 else f"the coordinator (process 0) at {address}"
+    return f"note: process {index} of {count} waiting for {who} (up to {timeout} s)"
+
+
+def _timed_out(address: str, count: int | None, index: int | None, timeout: int) -> str:
+    if index == 0:
+        return (
+            f"error: process 0 at {address} waited {timeout} s for the other processes: start "
+            f"all {count} with the same --coordinator-address and --num-processes (or raise "
+            "--coordinator-timeout)"
+        )
+    return (
+        f"error: process {index} could not join the coordinator at {address} within "
+        f"{timeout} s: check that process 0 runs there and that this host can reach that "
+        "port (or raise --coordinator-timeout)"
+    )
+
+
+def _say(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def _give_up(line: str) -> None:
+    """From the timer's thread: the main thread is blocked inside JAX, so end the process
+    here (exit code 1), before JAX's deadline aborts it with a stack trace."""
+    _say(line)
+    os._exit(1)
 
 
 def any_signal(signum: int | None) -> int | None:

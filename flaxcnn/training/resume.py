@@ -35,6 +35,7 @@ MAY_CHANGE = frozenset(
         "coordinator_address",
         "num_processes",
         "process_id",
+        "coordinator_timeout",
     }
 )
 # Settings that runs before this version did not record, with the value they ran with.
