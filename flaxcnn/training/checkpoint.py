@@ -62,7 +62,7 @@ class NoIntactCheckpoint(RuntimeError):
 
 
 class Checkpoints:
-    def __init__(self, directory: str | os.PathLike, keep: int = 3, read_only: bool = False):
+    def __init__(self, directory: str | os.PathLike, keep: int = 2, read_only: bool = False):
         preservation = policies.AnyPreservationPolicy(
             [
                 policies.LatestN(keep),

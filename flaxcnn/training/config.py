@@ -99,7 +99,11 @@ class TrainConfig:
     checkpoint_every: int | None = setting(
         None, "steps between checkpoints (default: one epoch); one is always saved at the end"
     )
-    keep_checkpoints: int = setting(3, "how many recent checkpoints to keep (plus the best)")
+    keep_checkpoints: int = setting(
+        2,
+        "how many recent checkpoints to keep, plus the best (two: the newest and one to fall "
+        "back on if the newest is damaged)",
+    )
     eval_every: int = setting(1, "epochs between evaluations on the test split")
     log_every: int = setting(10, "steps between progress-bar updates (each one syncs the host)")
     parallel: str = setting(

@@ -16,6 +16,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -651,3 +652,19 @@ def test_a_workdir_inside_the_data_folder_is_refused(tmp_path, capsys, monkeypat
     code, _, err = cli_lines(argv, capsys)
     assert code == 2 and len(err) == 1 and "is inside the data folder" in err[0], err
     assert sorted(p.name for p in folder.iterdir()) == ["cat", "dog"]  # nothing written
+
+
+def test_a_run_keeps_the_best_checkpoint_and_the_last_two(tmp_path):
+    """What resume needs (the newest, and one to fall back on if it is damaged) and what
+    evaluate and --init-from read (the best): not every checkpoint (151 MB each for the
+    main job's ResNet-34)."""
+    from flaxcnn.training.checkpoint import BEST_METRIC, Checkpoints
+
+    ckpts = Checkpoints(tmp_path / "checkpoints", keep=TrainConfig().keep_checkpoints)
+    try:
+        for step, accuracy in [(1, 0.9), (2, 0.5), (3, 0.6), (4, 0.7)]:
+            state = {"w": np.full((3,), step, np.float32)}
+            ckpts.save(step, state, {}, {}, {BEST_METRIC: accuracy})
+    finally:
+        ckpts.close()
+    assert checkpoint_steps(tmp_path / "checkpoints") == [1, 3, 4]
