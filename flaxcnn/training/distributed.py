@@ -66,7 +66,8 @@ def initialize(config) -> None:
         # Without a cross-process implementation, CPU computations cannot communicate.
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
     timeout = config.coordinator_timeout
-    note = threading.Timer(NOTE_AFTER_S, _say, [_waiting(address, count, index, timeout)])
+    waited = min(NOTE_AFTER_S, timeout / 2)
+    note = threading.Timer(waited, _say, [_waiting(address, count, index, timeout)])
     give_up = threading.Timer(timeout, _give_up, [_timed_out(address, count, index, timeout)])
     for timer in (note, give_up):
         timer.daemon = True
