@@ -10,14 +10,27 @@ from flaxcnn.models import __main__ as cli
 from flaxcnn.models import summary
 
 
-@pytest.mark.slow  # counts every network's parameters at its design size
-def test_list_shows_every_model_with_its_parameters(capsys):
+def test_list_shows_every_model_with_its_parameters_and_builds_none(capsys, monkeypatch):
+    def build(*args, **kwargs):
+        raise AssertionError("the listing built a network")
+
+    monkeypatch.setattr(models, "create", build)
+    monkeypatch.setattr(summary, "init_shapes", build)
     cli.main([])
     out = capsys.readouterr().out
     for name in models.names():
         assert f"\n{name} " in out
     assert "61,706" in out  # lenet5
     assert "138,357,544" in out  # vgg16
+    assert set(cli.DESIGN_PARAMS) == set(models.names())
+
+
+@pytest.mark.slow  # counts every network's parameters at its design size
+def test_the_listed_parameters_are_those_of_the_networks():
+    for name in models.names():
+        spec = models.get_spec(name)
+        shape = (1, spec.input_size, spec.input_size, spec.in_channels)
+        assert cli.DESIGN_PARAMS[name] == summary.count_params(models.create(name), shape), name
 
 
 def test_summary_shows_every_layer_of_lenet5(capsys):
