@@ -29,6 +29,33 @@ def fail(message: str, code: int = EXIT_BAD_INPUT) -> NoReturn:
     raise SystemExit(code)
 
 
+def check_package() -> None:
+    """Stop, in one line, where `flaxcnn` was imported from a folder without __init__.py
+    (a data folder named flaxcnn in the current directory, say) instead of the package.
+
+    Python makes such a folder a namespace package wherever no regular package of the name
+    is found on sys.path, and setuptools' editable install (`pip install -e .`) provides
+    flaxcnn through a finder asked only after sys.path (pypa/setuptools#3557): the folder
+    then wins. flaxcnn's `__init__` never runs (its XLA defaults are lost) and a subfolder
+    such as `data` hides the subpackage of that name, failing later with a traceback. Run as
+    this module is imported, which every command does before the rest of flaxcnn."""
+    package = sys.modules.get("flaxcnn")
+    if package is None or getattr(package, "__file__", None) is not None:
+        return  # the package itself
+    folders = " and ".join(map(str, package.__path__))
+    message = (
+        f"{folders} (a folder without __init__.py) hides the installed flaxcnn package, "
+        "as Python imports it first: run from another directory or rename that folder"
+    )
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    if spec is not None and spec.name.startswith("flaxcnn."):  # python -m flaxcnn.COMMAND
+        fail(message)
+    raise ImportError(message)
+
+
+check_package()
+
+
 def check_environment() -> None:
     """One line for an environment setting that would otherwise end in pages of output
     once JAX starts (call before it does): XLA_FLAGS holding something other than flags,

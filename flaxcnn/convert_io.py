@@ -10,13 +10,17 @@ a `UsageError` of one line naming the file.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import pickle
+import pickletools
 import re
 import shutil
 import struct
 import warnings
+import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -109,29 +113,98 @@ def _read_torch(path: Path) -> Any:
         raise UsageError(
             f"{path} is a PyTorch file; reading it needs torch: {TORCH_HINT}"
         ) from None
-    import pickle
 
     try:
         with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": not one line
             warnings.simplefilter("ignore")
             return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
-        if found is None:  # garbage, or a pickle torch's safe loader does not read
-            raise UsageError(f"{path} is not a PyTorch checkpoint ({_reason(e)})") from None
+    except pickle.UnpicklingError:
+        # What torch.load raises, in every version the torch extra allows, when its
+        # restricted unpickler refuses a file. Its text advises re-running with
+        # weights_only=False, which a user must not do with a file they cannot trust, and
+        # its wording changes between versions: the file's own pickle says what it holds.
+        objects = _pickled_objects(path)
+        if objects is None:  # garbage, or a pickle torch's safe loader does not read
+            raise UsageError(f"{path} is not a PyTorch checkpoint (not a pickle)") from None
+        named = f" ({', '.join(objects[:3])}{', ...' if len(objects) > 3 else ''})"
         raise UsageError(
-            f"{path} holds Python objects other than tensors ({found.group(1)}); refused "
-            "unread, as reading it could run code from the file. Save model.state_dict(), or "
-            "give a .safetensors file"
+            f"{path} holds Python objects other than tensors{named if objects else ''}; "
+            "refused unread, as reading it could run code from the file. Save "
+            "model.state_dict(), or give a .safetensors file"
         ) from None
     except Exception as e:  # torch's errors for files that are not checkpoints vary
         raise UsageError(f"{path} is not a PyTorch checkpoint ({_reason(e)})") from None
 
 
+_STRING_OPCODES = {"SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE"}
+_PUT_OPCODES = {"PUT", "BINPUT", "LONG_BINPUT"}
+_GET_OPCODES = {"GET", "BINGET", "LONG_BINGET"}
+
+
+def _pickled_objects(path: str | os.PathLike) -> list[str] | None:
+    """The classes and functions a PyTorch file's pickle names that torch's restricted
+    unpickler does not allow (a set or the like has no name), or None if the file holds no
+    readable pickle. `pickletools` reads the opcodes and runs nothing: those of the file
+    (a legacy .pth is several pickles in a row, then raw tensor data) or of the `data.pkl`
+    in a zip archive (torch.save's format since PyTorch 1.6)."""
+    from torch import _weights_only_unpickler
+
+    allowed = set(getattr(_weights_only_unpickler, "_get_allowed_globals", dict)())
+    names: list[str] = []
+    parsed = False
+    try:
+        with contextlib.ExitStack() as stack:
+            if zipfile.is_zipfile(path):
+                archive = stack.enter_context(zipfile.ZipFile(path))
+                members = [n for n in archive.namelist() if n.endswith("data.pkl")]
+                if not members:
+                    return None
+                stream = stack.enter_context(archive.open(members[0]))
+            else:
+                stream = stack.enter_context(open(path, "rb"))
+            for _ in range(8):  # a legacy file's pickles; the raw data after them ends this
+                for name in _globals(stream):
+                    if name not in allowed and name not in names:
+                        names.append(name)
+                parsed = True
+    except (ValueError, EOFError, OSError, zipfile.BadZipFile, UnicodeDecodeError):
+        pass  # the end of the pickles, or no pickle at all
+    return names if parsed else None
+
+
+def _globals(stream: Any) -> list[str]:
+    """The "module.name" of every global one pickle in `stream` refers to (ValueError at
+    the end of the data or where it is not a pickle)."""
+    found, strings, memo = [], [], {}
+    top = None  # what the last opcode pushed, where it is a string
+    for opcode, arg, _ in pickletools.genops(stream):
+        name = None
+        if opcode.name in _STRING_OPCODES:
+            top = arg
+            strings.append(arg)
+        elif opcode.name == "MEMOIZE":
+            memo[len(memo)] = top
+        elif opcode.name in _PUT_OPCODES:
+            memo[arg] = top
+        elif opcode.name in _GET_OPCODES:
+            top = memo.get(arg)
+            strings.append(top)
+        else:
+            top = None
+            if opcode.name in ("GLOBAL", "INST"):  # protocols 0-3: "module name"
+                name = arg.replace(" ", ".", 1)
+            elif opcode.name == "STACK_GLOBAL" and len(strings) >= 2:  # protocol 4 on
+                name = f"{strings[-2]}.{strings[-1]}"
+        if name is not None:
+            found.append(re.sub(r"^__builtin__\.", "builtins.", name))  # Python 2's name
+    return found
+
+
 def _reason(e: BaseException) -> str:
-    """torch.load's complaint in a few words (its weights_only errors are paragraphs)."""
-    found = re.search(r"WeightsUnpickler error:\s*(.+)", str(e))
-    detail = found.group(1).strip() if found else _one_line(e)
+    """torch.load's complaint in a few words; never its advice to load unsafely."""
+    detail = _one_line(e)
+    if "weights_only" in detail:
+        detail = type(e).__name__
     return f"torch.load: {detail[:160]}"
 
 

@@ -480,6 +480,27 @@ class CreatesMarker:
         return (open, (self.path, "w"))
 
 
+class RunsCommand:
+    """Unpickling this would run a shell command (`os.system`) that creates a file."""
+
+    def __init__(self, path):
+        self.command = f"touch {path}"
+
+    def __reduce__(self):
+        return (os.system, (self.command,))
+
+
+class Arbitrary:
+    """A class of the program that saved the file."""
+
+    def __init__(self):
+        self.weight = [1.0, 2.0]
+
+
+def a_function():
+    """A function saved by reference."""
+
+
 def test_pytorch_files_read_safely(tmp_path):
     torch, _ = needs_torch()
     marker = tmp_path / "marker"
@@ -493,7 +514,7 @@ def test_pytorch_files_read_safely(tmp_path):
         convert.read_state_dict(tmp_path / "plain.pkl")
     with (tmp_path / "plain4.pkl").open("wb") as f:
         pickle.dump({"w": CreatesMarker(marker)}, f, protocol=4)
-    with pytest.raises(cli.UsageError, match="is not a PyTorch checkpoint"):
+    with pytest.raises(cli.UsageError, match=r"other than tensors \(_?io\.open\); refused unread"):
         convert.read_state_dict(tmp_path / "plain4.pkl")
     assert not marker.exists()
 
@@ -627,8 +648,8 @@ def _bad_input(kind, folder: Path, tmp: Path) -> tuple[list, str, list[str]]:
     if kind == "missing":
         return args, file, ["no such file"]
     if kind == "pickle":
-        torch.save({"conv1.weight": CreatesMarker(tmp / "marker")}, file)
-        return args, file, ["refused unread"]
+        torch.save({"conv1.weight": RunsCommand(tmp / "marker")}, file)
+        return args, file, ["(posix.system); refused unread"]
     if kind == "list":
         torch.save([torch.zeros(3)], file)
         return args, file, ["holds a list, not a state_dict"]
@@ -680,8 +701,41 @@ def test_cli_refuses_bad_input_with_one_line_and_writes_nothing(
     assert str(named) in lines[0]
     for text in says:
         assert text in lines[0]
-    assert stdout == ""
+    assert stdout == "" and "weights_only" not in stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # no out, no .out.tmp-*
     if kind == "out-occupied":
         assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
     assert not (tmp_path / "marker").exists()
+
+
+# (what the file holds, how it is saved, what the one line says besides the file's name)
+PAYLOADS = {
+    "os.system": (RunsCommand, "torch", "(posix.system); refused unread"),
+    "os.system, plain pickle": (RunsCommand, 4, "(posix.system); refused unread"),
+    "open": (CreatesMarker, "torch", "io.open); refused unread"),  # _io.open, io.open
+    "a class": (lambda marker: Arbitrary(), "torch", f"({__name__}.Arbitrary); refused unread"),
+    "a function": (lambda marker: a_function, "torch", f"({__name__}.a_function); refused"),
+    "a set, plain pickle": (lambda marker: {1, 2}, 4, "other than tensors; refused unread"),
+    "a set": (lambda marker: {1, 2}, "torch", "'conv1.weight' holds a set, not a tensor"),
+}
+
+
+@pytest.mark.parametrize("payload", list(PAYLOADS))
+def test_pickles_of_python_objects_are_refused_in_one_line(tmp_path, capsys, payload):
+    """Whatever a pickle holds and however torch words its refusal, one line saying so and
+    never torch's advice to re-run with weights_only=False; nothing in the file runs."""
+    torch, _ = needs_torch()
+    make, saved_with, says = PAYLOADS[payload]
+    marker, file = tmp_path / "marker", tmp_path / "evil.pth"
+    state_dict = {"conv1.weight": make(marker)}
+    if saved_with == "torch":
+        torch.save(state_dict, file)
+    else:
+        with file.open("wb") as f:
+            pickle.dump(state_dict, f, protocol=saved_with)
+    args = ["--arch", "resnet18", "--state-dict", file, "--out", tmp_path / "out"]
+    code, out, err = main_here(capsys, args)
+    assert code == 2 and out == ""
+    assert err.startswith(f"error: {file}") and err.count("\n") == 1, err
+    assert says in err and "weights_only" not in err
+    assert not marker.exists() and not (tmp_path / "out").exists()

@@ -6,8 +6,10 @@ and flatten order match torchvision exactly (converted weights must give the sam
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -140,6 +142,47 @@ def _pool_padding(size: int, window: int, stride: int, padding: int, ceil_mode: 
     return (padding, max(needed, 0))
 
 
+_pooling_observer: contextvars.ContextVar[Callable[[str, Array], None] | None] = (
+    contextvars.ContextVar("pooling_observer", default=None)
+)
+
+
+@contextlib.contextmanager
+def observe_pooling(callback: Callable[[str, Array], None]) -> Iterator[None]:
+    """Call `callback(kind, output)` after each pooling below (kind: "MaxPool", "AvgPool",
+    "AdaptiveAvgPool", "GlobalAvgPool"): they are functions, not modules, so the summary,
+    which sees modules through `nn.intercept_methods`, would leave them out."""
+    token = _pooling_observer.set(callback)
+    try:
+        yield
+    finally:
+        _pooling_observer.reset(token)
+
+
+def _pooling(kind: str) -> Callable[[Callable[..., Array]], Callable[..., Array]]:
+    """Make a pooling function report to `observe_pooling`; a pooling made of another
+    (an adaptive pool that is an average pool) reports once, as itself."""
+
+    def decorate(pool: Callable[..., Array]) -> Callable[..., Array]:
+        @functools.wraps(pool)
+        def observed(*args: Any, **kwargs: Any) -> Array:
+            callback = _pooling_observer.get()
+            if callback is None:
+                return pool(*args, **kwargs)
+            token = _pooling_observer.set(None)
+            try:
+                out = pool(*args, **kwargs)
+            finally:
+                _pooling_observer.reset(token)
+            callback(kind, out)
+            return out
+
+        return observed
+
+    return decorate
+
+
+@_pooling("MaxPool")
 def max_pool(
     x: Array,
     window: IntPair,
@@ -156,12 +199,14 @@ def max_pool(
     return nn.max_pool(x, window, stride, padding=pads)
 
 
+@_pooling("AvgPool")
 def avg_pool(x: Array, window: IntPair, stride: IntPair | None = None) -> Array:
     """`torch.nn.AvgPool2d` without padding (the only form the classic nets use)."""
     window = pair(window)
     return nn.avg_pool(x, window, pair(stride if stride is not None else window))
 
 
+@_pooling("AdaptiveAvgPool")
 def adaptive_avg_pool(x: Array, output_size: IntPair) -> Array:
     """`torch.nn.AdaptiveAvgPool2d` on NHWC input.
 
@@ -184,6 +229,7 @@ def adaptive_avg_pool(x: Array, output_size: IntPair) -> Array:
     return jnp.concatenate(cols, axis=2)
 
 
+@_pooling("GlobalAvgPool")
 def global_avg_pool(x: Array) -> Array:
     """Mean over the spatial axes: (N, H, W, C) -> (N, C)."""
     return jnp.mean(x, axis=(1, 2))

@@ -16,6 +16,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from flaxcnn.models import layers
+
 
 @dataclasses.dataclass(frozen=True)
 class LayerRow:
@@ -66,15 +68,22 @@ def _subtree(params: dict, path: tuple[str, ...]) -> Any:
 def layer_table(
     model: nn.Module, input_shape: Sequence[int], depth: int | None = None
 ) -> list[LayerRow]:
-    """One row per module at `depth` (None: every innermost layer), in call order.
+    """One row per module at `depth` (None: every innermost layer), in call order, and
+    one per pooling (`layers.max_pool` and the like), a layer without parameters.
 
     A row's parameters and multiply-adds include everything inside it, so the rows of any
     depth add up to the whole network. `input_shape` is NHWC; MACs are per image.
     """
-    calls: dict[tuple[str, ...], list] = {}
+    calls: dict[tuple[str, ...], list] = {}  # path -> [kind, output shape, MACs]
+    inside: list[tuple[str, ...]] = []  # the paths of the modules running now
+    pools: dict[tuple[tuple[str, ...], str], int] = {}  # (module, kind) -> pools so far
 
     def record(next_fun, args, kwargs, context):
-        out = next_fun(*args, **kwargs)
+        inside.append(tuple(context.module.path))
+        try:
+            out = next_fun(*args, **kwargs)
+        finally:
+            inside.pop()
         if context.method_name == "__call__":
             module = context.module
             entry = calls.setdefault(tuple(module.path), [type(module).__name__, None, 0])
@@ -82,8 +91,14 @@ def layer_table(
             entry[2] += _layer_macs(module, args, out)
         return out
 
+    def record_pool(kind: str, out: jax.Array) -> None:
+        """A pooling function's row, named as Flax names an unnamed module (MaxPool_0)."""
+        parent = inside[-1] if inside else ()
+        index = pools[parent, kind] = pools.get((parent, kind), -1) + 1
+        calls[(*parent, f"{kind}_{index}")] = [kind, tuple(out.shape), 0]
+
     variables = init_shapes(model, input_shape)
-    with nn.intercept_methods(record):
+    with nn.intercept_methods(record), layers.observe_pooling(record_pool):
         jax.eval_shape(lambda v, x: model.apply(v, x, train=False), variables, _input(input_shape))
 
     paths = [p for p in calls if p]
@@ -130,8 +145,24 @@ def format_table(rows: Sequence[LayerRow], total_params: int | None = None) -> s
 
     rule = "-" * len(line(header))
     return "\n".join(
-        [line(header), rule, *map(line, body), rule, line(footer), f"GMACs: {macs / 1e9:.3f}"]
+        [
+            line(header),
+            rule,
+            *map(line, body),
+            rule,
+            line(footer),
+            f"multiply-adds per image: {in_words(macs)}",
+        ]
     )
+
+
+def in_words(count: int) -> str:
+    """A count in the unit its size calls for: 840, 416.5 thousand, 1.819 billion."""
+    for unit, scale in (("billion", 1e9), ("million", 1e6), ("thousand", 1e3)):
+        shown = f"{count / scale:.4g}"
+        if float(shown) >= 1:  # 999,960 is 1 million, not 1000 thousand
+            return f"{shown} {unit}"
+    return f"{count:,}"
 
 
 def _shape_str(shape: Any) -> str:

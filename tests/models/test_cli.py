@@ -7,24 +7,60 @@ import pytest
 
 from flaxcnn import models
 from flaxcnn.models import __main__ as cli
+from flaxcnn.models import summary
 
 
-@pytest.mark.slow  # counts every network's parameters at its design size
-def test_list_shows_every_model_with_its_parameters(capsys):
+def test_list_shows_every_model_with_its_parameters_and_builds_none(capsys, monkeypatch):
+    def build(*args, **kwargs):
+        raise AssertionError("the listing built a network")
+
+    monkeypatch.setattr(models, "create", build)
+    monkeypatch.setattr(summary, "init_shapes", build)
     cli.main([])
     out = capsys.readouterr().out
     for name in models.names():
         assert f"\n{name} " in out
     assert "61,706" in out  # lenet5
     assert "138,357,544" in out  # vgg16
+    assert set(cli.DESIGN_PARAMS) == set(models.names())
 
 
-def test_summary_rows_add_up(capsys):
+@pytest.mark.slow  # counts every network's parameters at its design size
+def test_the_listed_parameters_are_those_of_the_networks():
+    for name in models.names():
+        spec = models.get_spec(name)
+        shape = (1, spec.input_size, spec.input_size, spec.in_channels)
+        assert cli.DESIGN_PARAMS[name] == summary.count_params(models.create(name), shape), name
+
+
+def test_summary_shows_every_layer_of_lenet5(capsys):
+    """LeNet-5's seven layers, the two subsamplings included, with shapes and counts
+    worked out by hand: a 5x5 conv has 25*c_in*c_out + c_out parameters and costs
+    h_out*w_out*c_out*25*c_in multiply-adds; a dense layer n_in*n_out + n_out and n_in*n_out."""
     cli.main(["--summary", "lenet5"])
-    out = capsys.readouterr().out
-    assert "c1/conv" in out and "28x28x6" in out and "5x5x16" not in out
-    total = next(line for line in out.splitlines() if line.startswith("total"))
-    assert "61,706" in total and "416,520" in total
+    lines = capsys.readouterr().out.splitlines()
+    rules = [i for i, line in enumerate(lines) if set(line) == {"-"}]
+    rows = [line.split() for line in lines[rules[0] + 1 : rules[1]]]
+    assert rows == [
+        ["c1/conv", "Conv", "28x28x6", "156", "117,600"],  # C1: 25*6+6; 28*28*6*25
+        ["MaxPool_0", "MaxPool", "14x14x6", "0", "0"],  # S2
+        ["c3/conv", "Conv", "10x10x16", "2,416", "240,000"],  # C3: 25*6*16+16; 10*10*16*25*6
+        ["MaxPool_1", "MaxPool", "5x5x16", "0", "0"],  # S4
+        ["f5", "Dense", "120", "48,120", "48,000"],  # F5: 400*120+120; 400*120
+        ["f6", "Dense", "84", "10,164", "10,080"],  # F6: 120*84+84; 120*84
+        ["output", "Dense", "10", "850", "840"],  # 84*10+10; 84*10
+    ]
+    assert lines[rules[1] + 1].split() == ["total", "61,706", "416,520"]
+    assert lines[-1] == "multiply-adds per image: 416.5 thousand"
+
+
+@pytest.mark.parametrize(
+    "count, words",
+    [(840, "840"), (1_000, "1 thousand"), (999_960, "1 million"), (40_810_000, "40.81 million"),
+     (1_814_073_344, "1.814 billion"), (15_470_000_000, "15.47 billion")],
+)  # fmt: skip
+def test_multiply_adds_are_shown_in_the_unit_their_size_calls_for(count, words):
+    assert summary.in_words(count) == words
 
 
 def test_summary_options(capsys):
