@@ -50,6 +50,7 @@ from flaxcnn.data.storage import (
 log = logging.getLogger(__name__)
 
 PREFIX = "folder:"
+HFLIP = True  # photographs of things: a mirror image shows the same thing
 PREPARED_DIR = "flaxcnn_folders"
 STAGING_PREFIX = ".incomplete-"
 MAX_STORED_SIDE = 256
@@ -209,7 +210,7 @@ class FolderImages(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         self.info.metadata.update(
             mean=self._train_stats.mean,
             std=self._train_stats.std,
-            hflip=True,
+            hflip=HFLIP,
             source=str(self._listing.root),
             split=(
                 {"method": f"{folder_listing.TEST_DIR}/ subdirectory"}
