@@ -202,7 +202,7 @@ def test_one_run_per_workdir(lenet_run, env, tmp_path):
         assert len(result.stderr.strip().splitlines()) == 1
         assert snapshot(lenet_run) == before
         # Readers do not need the lock.
-        assert plot.read_run(lenet_run)[1]
+        assert plot.read_run(lenet_run)
 
     # A holder killed with -9 leaves no stale lock.
     holder = subprocess.Popen(
