@@ -92,7 +92,7 @@ def arch_names(depths: Sequence[int]) -> list[str]:
 
 def curves(workdir: Path) -> dict[str, list[float]]:
     """Per-epoch step, training loss, and training and test error of one run."""
-    _, records = plot.read_run(workdir)
+    records = plot.read_run(workdir)
     train = {r["epoch"]: r for r in records if r["split"] == "train"}
     test = {r["epoch"]: r for r in records if r["split"] == "test"}
     epochs = sorted(train)

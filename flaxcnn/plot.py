@@ -1,9 +1,10 @@
 """`python -m flaxcnn.plot WORKDIR [WORKDIR ...]`: loss and accuracy curves of runs, one PNG.
 
 Each run's `metrics.jsonl` gives a train and a test curve per panel (loss, top-1 accuracy)
-against the epoch; several runs share the figure, one colour per run, so that runs can be
-compared at a glance. The figure is drawn with matplotlib's Agg canvas directly (no pyplot,
-no display, no global backend switch that would disturb a notebook's own plots).
+against the epoch; several runs share the figure, one colour per run, named in the legend
+by their workdirs' names, so that runs can be compared at a glance. The figure is drawn
+with matplotlib's Agg canvas directly (no pyplot, no display, no global backend switch that
+would disturb a notebook's own plots).
 
 The PNG helpers here (`check_output`, `save_png`) are shared with `flaxcnn.evaluate`: an
 output is checked before any slow work, and written to a temporary file renamed into place,
@@ -21,11 +22,13 @@ from pathlib import Path
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
 
 from flaxcnn import cli
 
 DEFAULT_NAME = "loss_accuracy.png"
 DPI = 100
+LEGEND_MARGIN = 10  # pixels kept free on either side of the legend
 
 PathLike = str | os.PathLike
 
@@ -83,8 +86,8 @@ def find_metrics(workdir: PathLike) -> Path:
     return run.metrics_path
 
 
-def read_run(workdir: PathLike) -> tuple[str, list[dict]]:
-    """A run's legend label ("name (arch)") and its metric records.
+def read_run(workdir: PathLike) -> list[dict]:
+    """A run's metric records.
 
     UsageError for a missing workdir, a missing, empty or unreadable `metrics.jsonl`.
     """
@@ -94,14 +97,33 @@ def read_run(workdir: PathLike) -> tuple[str, list[dict]]:
     records = run.read_metrics()
     if not records:
         raise cli.UsageError(f"{run.metrics_path} holds no records yet")
-    return run_label(run), records
+    return records
 
 
-def run_label(run) -> str:
-    """The workdir's name, with the architecture from its `config.json` where there is one."""
-    name = run.path.resolve().name
-    arch = run.read_config().get("arch")
-    return f"{name} ({arch})" if arch else name
+def run_labels(workdirs: Sequence[PathLike]) -> list[str]:
+    """Each run's legend label: its workdir's name, with as many parent directories as it
+    takes to tell apart runs of the same name (`a/lenet5`, `b/lenet5`); the same workdir
+    given twice is numbered."""
+    parts = [Path(w).resolve().parts for w in workdirs]
+    depth = [1] * len(parts)
+    while True:
+        labels = [Path(*p[-d:]).as_posix() for p, d in zip(parts, depth, strict=True)]
+        grow = [  # a name shared with another workdir (not the same one given twice)
+            i
+            for i, (label, own) in enumerate(zip(labels, parts, strict=True))
+            if depth[i] < len(own)
+            and any(other != own and labels[j] == label for j, other in enumerate(parts))
+        ]
+        if not grow:
+            break
+        for i in grow:
+            depth[i] += 1
+    seen: dict[str, int] = {}
+    for i, label in enumerate(labels):
+        seen[label] = seen.get(label, 0) + 1
+        if seen[label] > 1:
+            labels[i] = f"{label} ({seen[label]})"
+    return labels
 
 
 def curve(records: list[dict], split: str, key: str) -> tuple[list[int], list[float]]:
@@ -116,26 +138,42 @@ def curve(records: list[dict], split: str, key: str) -> tuple[list[int], list[fl
 
 
 def draw_runs(runs: Sequence[tuple[str, list[dict]]]) -> Figure:
-    """Loss (left) and accuracy (right) against epoch: solid train, dashed test, a colour a run."""
+    """Loss (left) and accuracy (right) against epoch: solid train, dashed test, a colour a
+    run. The legend, below both panels, names each run once and then the two line styles."""
     figure = new_figure(11, 4.5 + 0.25 * len(runs))
     loss_ax, acc_ax = figure.subplots(1, 2)
     colors = [f"C{i % 10}" for i in range(len(runs))]
-    for (label, records), color in zip(runs, colors, strict=True):
+    for (_, records), color in zip(runs, colors, strict=True):
         for ax, key in ((loss_ax, "loss"), (acc_ax, "accuracy")):
             for split, style in (("train", "-"), ("test", "--")):
                 epochs, values = curve(records, split, key)
                 if epochs:
-                    ax.plot(epochs, values, style, marker="o", markersize=3, color=color,
-                            label=f"{label} {split}")  # fmt: skip
+                    ax.plot(epochs, values, style, marker="o", markersize=3, color=color)
     loss_ax.set(title="loss", xlabel="epoch", ylabel="cross-entropy")
     acc_ax.set(title="top-1 accuracy", xlabel="epoch", ylabel="accuracy", ylim=(0, 1.02))
     for ax in (loss_ax, acc_ax):
         ax.xaxis.get_major_locator().set_params(integer=True)
         ax.grid(alpha=0.3)
-    # Below both panels, outside them: many runs must not hide the curves.
-    figure.legend(*loss_ax.get_legend_handles_labels(), loc="outside lower center",
-                  ncols=min(4, 2 * len(runs)), fontsize="small")  # fmt: skip
+    handles = [Line2D([], [], color=c, marker="o", markersize=3) for c in colors]
+    handles += [Line2D([], [], color="gray", linestyle=s) for s in ("-", "--")]
+    labels = [label for label, _ in runs] + ["train", "test"]
+    legend_inside(figure, handles, labels)
     return figure
+
+
+def legend_inside(figure: Figure, handles: list, labels: list[str]) -> None:
+    """A figure legend below the panels with as many columns (up to 4) as fit the figure's
+    width; where even one column does not (very long names), the figure is widened."""
+    renderer = figure.canvas.get_renderer()
+    for ncols in range(min(4, len(labels)), 0, -1):
+        legend = figure.legend(handles, labels, loc="outside lower center", ncols=ncols,
+                               fontsize="small")  # fmt: skip
+        width = legend.get_window_extent(renderer).width + 2 * LEGEND_MARGIN
+        if width <= figure.bbox.width or ncols == 1:
+            break
+        legend.remove()
+    if width > figure.bbox.width:
+        figure.set_figwidth(width / figure.dpi)
 
 
 def plot_runs(workdirs: Sequence[PathLike], output: PathLike | None = None) -> Path:
@@ -148,7 +186,7 @@ def plot_runs(workdirs: Sequence[PathLike], output: PathLike | None = None) -> P
         raise cli.UsageError("give at least one workdir")
     files = [find_metrics(w) for w in workdirs]  # every cheap check before any slow work
     output = check_output(files[0].parent / DEFAULT_NAME if output is None else output)
-    runs = [read_run(w) for w in workdirs]
+    runs = list(zip(run_labels(workdirs), [read_run(w) for w in workdirs], strict=True))
     return save_png(draw_runs(runs), output)
 
 

@@ -25,7 +25,7 @@ once in padded batches with a boolean ``mask``. Everything runs on the host in n
 """
 
 from flaxcnn.data.dataset import Dataset, DatasetInfo, DatasetNotPrepared
-from flaxcnn.data.loading import load
+from flaxcnn.data.loading import flips_keep_labels, load
 from flaxcnn.data.pipeline import EvalBatches, TrainIterator, TrainPipeline, eval_batches
 from flaxcnn.data.storage import default_data_dir
 
@@ -38,5 +38,6 @@ __all__ = [
     "TrainPipeline",
     "default_data_dir",
     "eval_batches",
+    "flips_keep_labels",
     "load",
 ]

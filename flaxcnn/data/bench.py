@@ -43,7 +43,7 @@ def measure_throughput(
         image_size=image_size,
         channels=channels,
         seed=seed,
-        augment=augment,
+        augment="default" if augment else "none",
         process_index=0,
         process_count=1,
         worker_count=worker_count,

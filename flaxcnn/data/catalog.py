@@ -161,6 +161,11 @@ def _statistics(builder: tfds.core.DatasetBuilder, root: Path, image_key: str):
     return stats.mean, stats.std
 
 
+def flips_keep_labels(name: str) -> bool:
+    """Whether a horizontal flip keeps the labels of the TFDS set ``name``."""
+    return base_name(name) not in NO_HFLIP
+
+
 def load_tfds(name: str, *, data_dir: str | os.PathLike | None = None) -> Dataset:
     """Open a standard TFDS image classification set by name, preparing it where possible."""
     root = resolve_data_dir(data_dir)
@@ -174,5 +179,5 @@ def load_tfds(name: str, *, data_dir: str | os.PathLike | None = None) -> Datase
     image_key = builder.info.supervised_keys[0] if builder.info.supervised_keys else "image"
     mean, std = _statistics(builder, root, image_key)
     return dataset_from_builder(
-        builder, name=name, mean=mean, std=std, hflip=base_name(name) not in NO_HFLIP
+        builder, name=name, mean=mean, std=std, hflip=flips_keep_labels(name)
     )

@@ -34,6 +34,7 @@ from flaxcnn.data.storage import (
 NAME = "digits"
 TEST_FRACTION = 0.2
 SPLIT_SEED = 0
+HFLIP = False  # a mirrored digit is another digit, or none
 
 
 def digit_images() -> tuple[np.ndarray, np.ndarray]:
@@ -90,7 +91,7 @@ class Digits(tfds.core.GeneratorBasedBuilder):
         self.info.metadata.update(
             mean=stats.mean,
             std=stats.std,
-            hflip=False,
+            hflip=HFLIP,
             split={
                 "method": "sklearn.model_selection.train_test_split, stratified",
                 "test_fraction": TEST_FRACTION,

@@ -23,10 +23,10 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import logging
 import os
 import re
 import shutil
+import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import ClassVar
@@ -47,15 +47,15 @@ from flaxcnn.data.storage import (
     write_failed,
 )
 
-log = logging.getLogger(__name__)
-
 PREFIX = "folder:"
+HFLIP = True  # photographs of things: a mirror image shows the same thing
 PREPARED_DIR = "flaxcnn_folders"
 STAGING_PREFIX = ".incomplete-"
 MAX_STORED_SIDE = 256
 GRAY_MODES = frozenset({"1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"})
 # EXIF orientations that swap width and height.
 TRANSPOSING_ORIENTATIONS = frozenset({5, 6, 7, 8})
+SKIPPED_SHOWN = 5  # skipped files named one per line; the rest are counted
 # Both spellings: the user may be at the command line or in Python.
 SKIP_HINT = "skip them with --skip-corrupt (command line) or skip_corrupt=True (Python)"
 
@@ -190,10 +190,9 @@ class FolderImages(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         for example in examples:
             try:
                 image = read_image(example.path, self._plan)
-            except UnreadableImage as error:
+            except UnreadableImage:
                 if not self._skip_corrupt:
                     raise
-                log.warning("skipping %s", error)
                 self._skipped.append(self._relative(example.path))
                 continue
             if stats is not None:
@@ -209,7 +208,7 @@ class FolderImages(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         self.info.metadata.update(
             mean=self._train_stats.mean,
             std=self._train_stats.std,
-            hflip=True,
+            hflip=HFLIP,
             source=str(self._listing.root),
             split=(
                 {"method": f"{folder_listing.TEST_DIR}/ subdirectory"}
@@ -232,10 +231,9 @@ def _readable(
     for example in examples:
         try:
             headers.append(read_header(example.path))
-        except UnreadableImage as error:
+        except UnreadableImage:
             if not skip_corrupt:
                 raise
-            log.warning("skipping %s", error)
             skipped.append(example.path.relative_to(root).as_posix())
             continue
         kept.append(example)
@@ -302,6 +300,19 @@ def prepared_home(root: Path, data_dir: str | os.PathLike | None) -> Path:
     return resolve_data_dir(data_dir) / PREPARED_DIR / f"{slug}-{path_hash}"
 
 
+def report_skipped(root: Path, skipped: Sequence[str], listed_in: Path) -> None:
+    """A note on stderr for each file --skip-corrupt left out (the first SKIPPED_SHOWN, then
+    how many more and where all are listed), so that a user sees which images are missing."""
+    for name in skipped[:SKIPPED_SHOWN]:
+        print(f"note: skipped {root / name}: not a readable PNG/JPEG image", file=sys.stderr)
+    if len(skipped) > SKIPPED_SHOWN:
+        print(
+            f"note: and {len(skipped) - SKIPPED_SHOWN} more; all {len(skipped)} skipped files "
+            f'are listed under "skipped" in {listed_in}',
+            file=sys.stderr,
+        )
+
+
 def load_folder(
     path: str | os.PathLike,
     *,
@@ -311,8 +322,8 @@ def load_folder(
     """Open an image folder, preparing it first if it is new or its files changed.
 
     Unreadable images and stray non-image files stop preparation with a one-line
-    ValueError naming a file, unless ``skip_corrupt`` (then they are skipped, logged, and
-    listed under ``skipped`` in the prepared data set's metadata).
+    ValueError naming a file, unless ``skip_corrupt`` (then they are skipped, named on
+    stderr at every load, and listed under ``skipped`` in the prepared data set's metadata).
     """
     listing = list_folder(path)
     where = f"{PREFIX}{listing.root}"
@@ -350,8 +361,7 @@ def load_folder(
             ) from None
     builder = tfds.builder_from_directory(os.fspath(prepared))
     metadata = builder.info.metadata
-    if metadata["skipped"]:
-        log.warning("%s: %d file(s) skipped", where, len(metadata["skipped"]))
+    report_skipped(listing.root, metadata["skipped"], prepared / "metadata.json")
     dataset = dataset_from_builder(
         builder, name=where, mean=metadata["mean"], std=metadata["std"], hflip=metadata["hflip"]
     )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+from flaxcnn.data import catalog, digits, folder
 from flaxcnn.data.catalog import load_tfds
 from flaxcnn.data.dataset import Dataset
 from flaxcnn.data.digits import NAME as DIGITS
@@ -34,3 +35,15 @@ def load(
             raise ValueError("folder: needs a path, as in folder:/data/my_images")
         return load_folder(path, data_dir=data_dir, skip_corrupt=skip_corrupt)
     return load_tfds(name, data_dir=data_dir)
+
+
+def flips_keep_labels(name: str) -> bool:
+    """What ``load(name).info.hflip`` says, from the name alone (nothing is read or
+    prepared): whether a horizontal flip keeps an image's label. A resumed run resolves the
+    default augmentation of its data set with it before the data are loaded."""
+    name = name.strip()
+    if name == DIGITS:
+        return digits.HFLIP
+    if name.startswith(FOLDER_PREFIX):
+        return folder.HFLIP
+    return catalog.flips_keep_labels(name)

@@ -22,7 +22,15 @@ import numpy as np
 from flaxcnn.data.dataset import Dataset
 from flaxcnn.data.memory import fits_in_memory, preprocess_in_memory
 from flaxcnn.data.prefetch import read_ahead
-from flaxcnn.data.transforms import Augment, Normalize, Preprocess, crop_padding, normalization
+from flaxcnn.data.transforms import (
+    DEFAULT_AUGMENT,
+    Augment,
+    Normalize,
+    Preprocess,
+    crop_padding,
+    normalization,
+    resolve_augment,
+)
 
 
 def _process_layout(index: int | None, count: int | None) -> tuple[int, int]:
@@ -64,7 +72,8 @@ class TrainPipeline:
     MNIST, CIFAR) is decoded and resized once, here; larger ones are decoded as they stream.
     ``worker_count`` > 0 does that work and the augmentation in as many grain worker
     processes (worth it for large images, given spare cores); 0 reads ahead in background
-    threads of this process.
+    threads of this process. ``augment`` is one of ``transforms.AUGMENTATIONS`` or
+    ``"default"``, the data set's own (``self.augment`` holds the resolved one).
     """
 
     def __init__(
@@ -75,7 +84,7 @@ class TrainPipeline:
         image_size: int,
         channels: int,
         seed: int,
-        augment: bool = True,
+        augment: str = DEFAULT_AUGMENT,
         process_index: int | None = None,
         process_count: int | None = None,
         worker_count: int = 0,
@@ -88,7 +97,7 @@ class TrainPipeline:
         self.image_size = image_size
         self.channels = channels
         self.seed = seed
-        self.augment = augment
+        self.augment = resolve_augment(augment, dataset.info.hflip)
         self.worker_count = worker_count
         self.process_index, self.process_count = _process_layout(process_index, process_count)
         self.local_batch_size = _local_batch_size(global_batch_size, self.process_count)
@@ -112,8 +121,9 @@ class TrainPipeline:
         examples = examples[: self.steps_per_epoch * self.global_batch_size]
         if not in_memory:
             examples = examples.map(Preprocess(self.image_size, self.channels))
-        if self.augment:
-            examples = examples.random_map(Augment(crop_padding(self.image_size), info.hflip))
+        if self.augment != "none":
+            hflip = self.augment == "crop+flip"
+            examples = examples.random_map(Augment(crop_padding(self.image_size), hflip))
         local = examples[self.process_index :: self.process_count]
         batches = local.batch(self.local_batch_size, drop_remainder=True)
         return batches.map(Normalize(*normalization(info, self.channels))).repeat()
@@ -172,6 +182,11 @@ class TrainIterator(Iterator[dict[str, np.ndarray]]):
     def set_state(self, state: dict[str, Any]) -> None:
         """Continue with the batch that followed when ``state`` was taken."""
         expected = self._pipeline.signature()
+        if isinstance(state.get("augment"), bool):
+            # Saved before --augment, as a bool: True was the data set's own augmentation.
+            legacy = DEFAULT_AUGMENT if state["augment"] else "none"
+            hflip = self._pipeline.dataset.info.hflip
+            state = {**state, "augment": resolve_augment(legacy, hflip)}
         changed = {k: (state.get(k), v) for k, v in expected.items() if state.get(k) != v}
         if changed:
             raise ValueError(f"iterator state is for another pipeline (saved, now): {changed}")

@@ -11,6 +11,22 @@ import numpy as np
 from flaxcnn.data.dataset import DatasetInfo
 from flaxcnn.data.imaging import LUMA_WEIGHTS, match_channels, resize_square
 
+# The random augmentations of training images. "default" names the data set's own: random
+# crops, plus horizontal flips where a mirror image keeps its label (DatasetInfo.hflip).
+AUGMENTATIONS = ("none", "crop", "crop+flip")
+DEFAULT_AUGMENT = "default"
+
+
+def resolve_augment(augment: str, hflip: bool) -> str:
+    """The augmentation ``augment`` names, ``"default"`` resolved for a data set whose
+    horizontal flips keep labels (``hflip``) or not (digits and other characters)."""
+    if augment == DEFAULT_AUGMENT:
+        return "crop+flip" if hflip else "crop"
+    if augment not in AUGMENTATIONS:
+        choices = ", ".join((DEFAULT_AUGMENT, *AUGMENTATIONS))
+        raise ValueError(f"unknown augmentation {augment!r}; choose from {choices}")
+    return augment
+
 
 def crop_padding(image_size: int) -> int:
     """Padding for random crops: 4 px at 32 px (the CIFAR recipe), in proportion otherwise."""

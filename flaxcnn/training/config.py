@@ -14,6 +14,10 @@ from typing import Any
 from flaxcnn.cli import UsageError
 from flaxcnn.training import optim, parallel
 
+# flaxcnn.data.transforms.AUGMENTATIONS after "default", spelled out here because the data
+# layer takes a second to import and `--help` should not wait for it (a test keeps them equal).
+AUGMENT_CHOICES = ("default", "none", "crop", "crop+flip")
+
 
 def setting(default, help: str, **flag):
     return dataclasses.field(default=default, metadata={"help": help, **flag})
@@ -77,6 +81,14 @@ class TrainConfig:
         None,
         "square input side (default: the data set's, raised to the model's minimum; small "
         "images use the model's small-input stem where it has one)",
+    )
+    augment: str = setting(
+        "default",
+        "random augmentation of the training images: none; crop (random shifts by up to 4 px "
+        "at 32 px, in proportion at other sizes, zero-padded); crop+flip (and horizontal "
+        "flips) (default: the data set's own: crop for digits and other characters, which a "
+        "mirror changes, crop+flip for the rest)",
+        choices=AUGMENT_CHOICES,
     )
     skip_corrupt: bool = setting(
         False, "folder data sets: leave out images that cannot be decoded instead of stopping"
@@ -172,6 +184,7 @@ class TrainConfig:
             ("schedule", optim.SCHEDULES),
             ("parallel", parallel.STRATEGIES),
             ("dtype", ("float32", "bfloat16")),
+            ("augment", AUGMENT_CHOICES),
         ):
             if getattr(self, name) not in allowed:
                 raise UsageError(

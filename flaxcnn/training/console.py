@@ -12,6 +12,7 @@ from typing import Any
 
 import jax
 
+from flaxcnn.data.transforms import crop_padding
 from flaxcnn.training.resolve import DEFAULT_BATCH_SIZE, Setup
 
 
@@ -34,6 +35,7 @@ def header(setup: Setup, resumed_from: int | None) -> list[str]:
         f"  batch        {setup.batch_size} global, {setup.batch_size // devices} per device, "
         f"{setup.steps_per_epoch} steps per epoch{chosen}",
         f"  image size   {net.image_size}x{net.image_size}x{net.in_channels}{stem}",
+        f"  augment      {augmentation(c.augment, net.image_size)}",
         f"  dtype        {c.dtype} compute, float32 parameters",
         f"  optimizer    {opt.name}, lr {opt.peak_lr:g} (= base x {setup.batch_size}/256), "
         f"{opt.schedule} schedule, weight decay {opt.weight_decay:g}",
@@ -42,7 +44,7 @@ def header(setup: Setup, resumed_from: int | None) -> list[str]:
     ]
     if options:
         listed = ", ".join(f"{k}={v}" for k, v in options.items())
-        lines.insert(6, f"  options      {listed}")
+        lines.insert(7, f"  options      {listed}")
     if c.init_from:
         frozen = (
             "; backbone frozen: only the classifier trains, the rest in inference mode "
@@ -54,6 +56,13 @@ def header(setup: Setup, resumed_from: int | None) -> list[str]:
     if resumed_from is not None:
         lines.append(f"  resuming     from step {resumed_from}")
     return lines
+
+
+def augmentation(augment: str, image_size: int) -> str:
+    """The resolved --augment value, and what it does at this input size."""
+    crop = f"random shifts by up to {crop_padding(image_size)} px"
+    said = {"none": "", "crop": f" ({crop})", "crop+flip": f" ({crop}, horizontal flips)"}
+    return augment + said[augment]
 
 
 def epoch_line(setup: Setup, train: dict[str, Any], test: dict[str, float] | None) -> str:

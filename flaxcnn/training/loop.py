@@ -25,6 +25,7 @@ from flax import serialization
 
 from flaxcnn import data
 from flaxcnn.cli import UsageError
+from flaxcnn.data.transforms import DEFAULT_AUGMENT, resolve_augment
 from flaxcnn.models.parsing import parse_options
 from flaxcnn.training import (
     console,
@@ -161,6 +162,7 @@ def _reconcile(
     """The stored settings with the allowed changes in `config` (resume.reconcile)."""
     stored = {**resume.LEGACY, **stored}  # settings older runs did not record: as they ran
     explicit = resume.explicit_fields(config) if explicit is None else set(explicit)
+    dataset = stored.get("dataset")
 
     def normalise(name: str, value):
         if name == "dataset":
@@ -172,8 +174,11 @@ def _reconcile(
                 return parse_options(stored["arch"], value)
             except ValueError as e:
                 raise UsageError(str(e)) from None
+        if name == "augment" and value == DEFAULT_AUGMENT and isinstance(dataset, str):
+            return resolve_augment(value, data.flips_keep_labels(dataset))
         return value
 
+    stored["augment"] = normalise("augment", stored["augment"])  # an older run's "default"
     return resume.reconcile(stored, config, explicit, normalise)
 
 
@@ -247,7 +252,7 @@ class Trainer:
         for line in notes:
             self.out(f"note: {line}")
 
-        self.batches = iter(self._pipeline(augment=True))
+        self.batches = iter(self._pipeline(config.augment, config.workers))
         self._closers.append(self.batches.close)
         if data_state is not None:
             if config.accept_new_data:  # the data's signature is the new data's
@@ -256,7 +261,7 @@ class Trainer:
         # A frozen backbone keeps the source's BatchNorm statistics: nothing to recompute.
         recompute_bn = bool(jax.tree.leaves(state.batch_stats)) and self.trainable is None
         self.bn_pipeline = (
-            self._pipeline(augment=False) if config.precise_bn and recompute_bn else None
+            self._pipeline("none", workers=0) if config.precise_bn and recompute_bn else None
         )
         self.par = parallel.make(config.parallel, config.label_smoothing, self.trainable)
         self.dstate = self.par.put_state(state)
@@ -285,7 +290,7 @@ class Trainer:
         tx, self.schedule = build_optimizer(setup, self.trainable)
         return state.replace(tx=tx), {**data_state, "step": plan.data_index(self.step)}
 
-    def _pipeline(self, augment: bool) -> data.TrainPipeline:
+    def _pipeline(self, augment: str, workers: int) -> data.TrainPipeline:
         net = self.setup.network
         return data.TrainPipeline(
             self.setup.dataset,
@@ -294,7 +299,7 @@ class Trainer:
             channels=net.in_channels,
             seed=self.config.seed,
             augment=augment,
-            worker_count=self.config.workers if augment else 0,
+            worker_count=workers,
         )
 
     def _restore(self, state: TrainState) -> tuple[TrainState, dict]:

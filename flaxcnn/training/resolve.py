@@ -18,7 +18,7 @@ import jax
 
 from flaxcnn import data, models
 from flaxcnn.cli import UsageError
-from flaxcnn.data.transforms import normalization
+from flaxcnn.data.transforms import normalization, resolve_augment
 from flaxcnn.models import summary
 from flaxcnn.models.parsing import parse_options
 from flaxcnn.training import memory, optim, resume
@@ -220,6 +220,9 @@ def prepare(config: TrainConfig, stored: dict[str, Any] | None = None) -> Setup:
         )
     except ValueError as e:  # DatasetNotPrepared is a ValueError too
         raise UsageError(str(e)) from None
+    config = dataclasses.replace(
+        config, augment=resolve_augment(config.augment, dataset.info.hflip)
+    )
     # A data set of images of varying sizes records 0: the model's design size then.
     native = max(dataset.info.image_shape[:2]) or spec.input_size
     image_size, automatic = models.resolve_input(spec, native, config.image_size)

@@ -38,8 +38,9 @@ MAY_CHANGE = frozenset(
         "coordinator_timeout",
     }
 )
-# Settings that runs before this version did not record, with the value they ran with.
-LEGACY = {"precise_bn": 0, "skip_corrupt": False, "freeze_backbone": False}
+# Settings that runs before this version did not record, with the value they ran with
+# ("default": the data set's own augmentation, resolved from its name on resume).
+LEGACY = {"precise_bn": 0, "skip_corrupt": False, "freeze_backbone": False, "augment": "default"}
 # What the stored run's data looked like: a changed folder shows in its fingerprint (any file
 # added, removed, moved to another class, resized or touched), counts or statistics.
 DATA_KEYS = (

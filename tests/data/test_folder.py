@@ -1,5 +1,6 @@
 """folder:PATH data sets: PNG/JPEG class folders prepared once into array_record."""
 
+import json
 import os
 import signal
 import subprocess
@@ -104,14 +105,50 @@ def test_preparation_message_names_the_final_directory(image_folder, tmp_path, c
     assert f"once in {final}\n" in message and ".incomplete-" not in message
 
 
-def test_skip_corrupt_skips_and_counts(image_folder, tmp_path, caplog):
+def skip_notes(capsys) -> list[str]:
+    """The lines on stderr since the last call, without the one-off preparation line."""
+    return [
+        line for line in capsys.readouterr().err.splitlines() if not line.startswith("preparing ")
+    ]
+
+
+def test_skip_corrupt_names_each_skipped_file_on_stderr(image_folder, tmp_path, capsys):
+    """An image whose header is garbage and one whose pixels are cut off (found only when it
+    is decoded): each is named, by full path, at every load; nothing goes through logging."""
     folder = image_folder(per_class=5)
     (folder / "dog" / "broken.png").write_bytes(b"garbage")
     whole = (folder / "cat" / "1.jpg").read_bytes()
     (folder / "cat" / "cut.jpg").write_bytes(whole[: len(whole) // 2])
+    capsys.readouterr()
     ds = data.load(f"folder:{folder}", data_dir=tmp_path / "tfds", skip_corrupt=True)
     assert ds.info.num_train + ds.info.num_test == 15
-    assert "2 file(s) skipped" in caplog.text
+    expected = [
+        f"note: skipped {folder.resolve() / name}: not a readable PNG/JPEG image"
+        for name in ("cat/cut.jpg", "dog/broken.png")
+    ]
+    assert skip_notes(capsys) == expected
+    data.load(f"folder:{folder}", data_dir=tmp_path / "tfds", skip_corrupt=True)  # prepared
+    assert skip_notes(capsys) == expected
+
+
+def test_skip_corrupt_names_the_first_five_and_counts_the_rest(image_folder, tmp_path, capsys):
+    folder = image_folder(per_class=5)
+    names = [f"{cls}/bad{i}.png" for i, cls in enumerate(["cat"] * 4 + ["dog"] * 3)]
+    for name in names:
+        (folder / name).write_bytes(b"garbage")
+    capsys.readouterr()
+    data.load(f"folder:{folder}", data_dir=tmp_path / "tfds", skip_corrupt=True)
+    notes = skip_notes(capsys)
+    assert notes[:5] == [
+        f"note: skipped {folder.resolve() / name}: not a readable PNG/JPEG image"
+        for name in names[:5]
+    ]
+    (version,) = prepared_versions(folder, tmp_path / "tfds")
+    listed = prepared_home(folder.resolve(), tmp_path / "tfds") / version / "metadata.json"
+    assert notes[5:] == [
+        f'note: and 2 more; all 7 skipped files are listed under "skipped" in {listed}'
+    ]
+    assert json.loads(listed.read_text())["skipped"] == names
 
 
 def test_stray_files_get_a_clear_message(image_folder, tmp_path):
@@ -229,10 +266,12 @@ def test_dangling_symlink_is_an_unreadable_image_named_in_one_line(image_folder,
     assert not (tmp_path / "tfds").exists()  # Found before anything was written.
 
 
-def test_dangling_symlink_is_skipped_with_skip_corrupt(image_folder, tmp_path, caplog):
+def test_dangling_symlink_is_skipped_with_skip_corrupt(image_folder, tmp_path, capsys):
     folder = image_folder(per_class=5)
     (folder / "owl" / "loop.jpg").symlink_to("loop.jpg")  # A loop of links is broken too.
     (folder / "cat" / "x.png").symlink_to(tmp_path / "nonexistent.png")
+    capsys.readouterr()
     ds = data.load(f"folder:{folder}", data_dir=tmp_path / "tfds", skip_corrupt=True)
     assert ds.info.num_train + ds.info.num_test == 15
-    assert "2 file(s) skipped" in caplog.text
+    notes = skip_notes(capsys)
+    assert len(notes) == 2 and "cat/x.png" in notes[0] and "owl/loop.jpg" in notes[1]

@@ -2,11 +2,13 @@
 
 import itertools
 import json
+from collections.abc import Sequence
 
 import numpy as np
 import pytest
 
 from flaxcnn import data
+from flaxcnn.data.transforms import crop_padding
 
 
 def take(iterator, count):
@@ -19,7 +21,7 @@ def pipeline(ds, **overrides):
         image_size=8,
         channels=1,
         seed=0,
-        augment=False,
+        augment="none",
         process_index=0,
         process_count=1,
     )
@@ -27,7 +29,7 @@ def pipeline(ds, **overrides):
 
 
 def test_batch_shapes_and_dtypes(digits):
-    pipe = pipeline(digits, global_batch_size=128, image_size=32, channels=3, augment=True)
+    pipe = pipeline(digits, global_batch_size=128, image_size=32, channels=3, augment="default")
     assert pipe.steps_per_epoch == 1437 // 128 and pipe.local_batch_size == 128
     batch = next(iter(pipe))
     assert batch["image"].shape == (128, 32, 32, 3) and batch["image"].dtype == np.float32
@@ -36,9 +38,9 @@ def test_batch_shapes_and_dtypes(digits):
 
 
 def test_same_seed_same_batches_other_seed_other_batches(digits):
-    first = take(iter(pipeline(digits, seed=3, augment=True)), 3)
-    again = take(iter(pipeline(digits, seed=3, augment=True)), 3)
-    other = take(iter(pipeline(digits, seed=4, augment=True)), 3)
+    first = take(iter(pipeline(digits, seed=3, augment="default")), 3)
+    again = take(iter(pipeline(digits, seed=3, augment="default")), 3)
+    other = take(iter(pipeline(digits, seed=4, augment="default")), 3)
     for a, b in zip(first, again, strict=True):
         np.testing.assert_array_equal(a["image"], b["image"])
         np.testing.assert_array_equal(a["label"], b["label"])
@@ -77,7 +79,7 @@ def test_two_processes_split_each_global_batch_without_overlap(indexed_dataset, 
 
 
 def test_augmented_global_batches_do_not_depend_on_the_process_count(digits):
-    whole = take(iter(pipeline(digits, global_batch_size=64, image_size=16, augment=True)), 2)
+    whole = take(iter(pipeline(digits, global_batch_size=64, image_size=16, augment="default")), 2)
     parts = [
         take(
             iter(
@@ -85,7 +87,7 @@ def test_augmented_global_batches_do_not_depend_on_the_process_count(digits):
                     digits,
                     global_batch_size=64,
                     image_size=16,
-                    augment=True,
+                    augment="default",
                     process_index=p,
                     process_count=4,
                 )
@@ -107,7 +109,7 @@ def test_resume_mid_epoch_gives_exactly_the_following_batches(digits, worker_cou
     """The batches before a saved state and after its restore are those of an uninterrupted
     iterator without worker processes (the state is only the index of the next batch).
     With 2 workers, which grain interleaves: tests/training/test_run_directory.py."""
-    settings = dict(global_batch_size=64, augment=True)
+    settings = dict(global_batch_size=64, augment="default")
     steps = 5 + pipeline(digits, **settings).steps_per_epoch  # runs into the next epoch
     expected = take(iter(pipeline(digits, **settings)), steps)
     pipe = pipeline(digits, **settings, worker_count=worker_count)
@@ -157,3 +159,73 @@ def test_epochs_run_on_forever(indexed_dataset):
     ds = indexed_dataset(num_train=40, num_test=10)
     iterator = iter(pipeline(ds, global_batch_size=8))
     assert len(list(itertools.islice(iterator, 50))) == 50  # 10 epochs of 5 steps
+
+
+class Images(Sequence):
+    """Example ``i`` is ``images[i]`` with label ``i``: the batches say which image is which."""
+
+    def __init__(self, images: np.ndarray):
+        self._images = images
+
+    def __len__(self) -> int:
+        return len(self._images)
+
+    def __getitem__(self, index):
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        return {"image": self._images[index], "label": index}
+
+
+def image_dataset(images: np.ndarray, hflip: bool = True) -> data.Dataset:
+    """Images at their stored size, mean 0 and std 1: a batch is the images / 255."""
+    count = len(images)
+    info = data.DatasetInfo(
+        name="images", num_classes=count, class_names=tuple(map(str, range(count))),
+        image_shape=images.shape[1:], num_train=count, num_test=count, mean=(0.0,), std=(1.0,),
+        hflip=hflip,
+    )  # fmt: skip
+    return data.Dataset(info=info, train=Images(images), test=Images(images))
+
+
+def test_augment_none_gives_the_images_as_they_are():
+    images = np.random.default_rng(0).integers(0, 256, (32, 16, 16, 1), np.uint8)
+    pipe = pipeline(image_dataset(images), global_batch_size=8, image_size=16, augment="none")
+    for batch in take(iter(pipe), 2 * pipe.steps_per_epoch):
+        got = np.rint(batch["image"] * 255).astype(np.uint8)
+        np.testing.assert_array_equal(got, images[batch["label"]])
+
+
+def test_crop_shifts_but_never_flips_a_data_set_that_could_be_flipped():
+    """The image is bright on its left half only; a shift of at most 2 px (at 16 px) keeps
+    its rightmost columns dark unless it is mirrored."""
+    image = np.zeros((16, 16, 1), np.uint8)
+    image[:, :8] = 200
+    ds = image_dataset(np.repeat(image[None], 32, axis=0))
+    settings = dict(global_batch_size=32, image_size=16, seed=1)
+    assert crop_padding(16) == 2
+
+    def mirrored_and_shifted(augment: str) -> tuple[int, int]:
+        batches = take(iter(pipeline(ds, augment=augment, **settings)), 4)
+        out = np.concatenate([np.rint(b["image"] * 255) for b in batches])
+        mirrored = int((out[:, :, -2:] > 0).any(axis=(1, 2, 3)).sum())
+        shifted = int((out != image).any(axis=(1, 2, 3)).sum())
+        return mirrored, shifted
+
+    mirrored, shifted = mirrored_and_shifted("crop")
+    assert mirrored == 0 and shifted > 64
+    assert mirrored_and_shifted("crop+flip")[0] > 32  # about half of the 128
+
+
+def test_default_augmentation_is_the_data_sets_own_and_older_states_still_restore(digits):
+    """Iterator states saved before --augment hold a bool: True was the data set's own."""
+    photos = image_dataset(np.zeros((32, 8, 8, 1), np.uint8), hflip=True)
+    assert pipeline(photos, augment="default").augment == "crop+flip"
+    assert pipeline(digits, augment="default").augment == "crop"  # no mirrored digits
+    with pytest.raises(ValueError, match="unknown augmentation 'flip'; choose from default"):
+        pipeline(digits, augment="flip")
+    iterator = iter(pipeline(digits, augment="default"))
+    state = {**iterator.get_state(), "augment": True, "step": 3}
+    iterator.set_state(state)
+    assert iterator.get_state()["step"] == 3
+    with pytest.raises(ValueError, match="augment"):
+        iterator.set_state({**state, "augment": False})

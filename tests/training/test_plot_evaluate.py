@@ -109,21 +109,45 @@ def test_plot_writes_the_default_png_into_the_workdir(run):
     check_png(path, min_size=(800, 350))
 
 
-def test_plot_puts_several_runs_on_one_figure(run, tmp_path):
-    other = fake_run(run, tmp_path / "other", "simple_cnn", 1.5)
-    runs = [plot.read_run(w) for w in (run, other)]
-    assert [label for label, _ in runs] == [f"{run.name} (lenet5)", "other (simple_cnn)"]
+def legend_inside_figure(figure) -> list[str]:
+    """The figure legend's labels, once its drawn extent is checked to lie in the figure."""
+    figure.canvas.draw()
+    (legend,) = figure.legends
+    box, inside = legend.get_window_extent(), figure.bbox
+    assert inside.x0 <= box.x0 and box.x1 <= inside.x1, (box, inside)
+    assert inside.y0 <= box.y0 and box.y1 <= inside.y1, (box, inside)
+    return [t.get_text() for t in legend.get_texts()]
+
+
+def test_plot_puts_several_runs_on_one_figure_named_by_their_workdirs(run, tmp_path):
+    """Default workdir names are long (ARCH-DATASET-TIMESTAMP): the legend used to run off
+    both edges of the figure. It names each run once, by its workdir, then the line styles."""
+    other = fake_run(run, tmp_path / "simple_cnn-digits-20250101-120000", "simple_cnn", 1.5)
+    third = fake_run(run, tmp_path / "resnet20-digits-20250101-130000", "resnet20", 2.0)
+    workdirs = [run, other, third]
+    labels = plot.run_labels(workdirs)
+    assert labels == [run.name, other.name, third.name]
+    runs = list(zip(labels, [plot.read_run(w) for w in workdirs], strict=True))
     figure = plot.draw_runs(runs)
-    legend = [t.get_text() for t in figure.legends[0].get_texts()]
-    assert legend == [f"{label} {split}" for label, _ in runs for split in ("train", "test")]
+    assert legend_inside_figure(figure) == [*labels, "train", "test"]
     loss_ax, acc_ax = figure.axes
-    assert len(loss_ax.lines) == len(acc_ax.lines) == 4
+    assert len(loss_ax.lines) == len(acc_ax.lines) == 6
     epochs, losses = plot.curve(runs[1][1], "test", "loss")
     assert epochs == [1, 2] and losses == list(loss_ax.lines[3].get_ydata())
 
-    output = tmp_path / "both.png"
-    assert plot.plot_runs([run, other], output) == output
+    output = tmp_path / "all.png"
+    assert plot.plot_runs(workdirs, output) == output
     check_png(output, min_size=(800, 350))
+
+
+def test_plot_tells_apart_runs_of_the_same_name_and_fits_any_name():
+    workdirs = ["/runs/a/lenet5", "/runs/b/lenet5", "/other/a/lenet5", "/runs/c", "/runs/c"]
+    labels = plot.run_labels(workdirs)
+    assert labels == ["runs/a/lenet5", "b/lenet5", "other/a/lenet5", "c", "c (2)"]
+    records = [{"split": s, "epoch": 1, "loss": 1.0, "accuracy": 0.5} for s in ("train", "test")]
+    long_name = "x" * 250  # wider than the figure even in one column: the figure widens
+    figure = plot.draw_runs([(long_name, records), ("short", records)])
+    assert legend_inside_figure(figure) == [long_name, "short", "train", "test"]
 
 
 def test_plot_cli_writes_where_asked(run, tmp_path, capsys):

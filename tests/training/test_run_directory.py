@@ -90,6 +90,7 @@ CONTRADICTIONS = [
     (["--dtype", "bfloat16"], "--dtype bfloat16 contradicts", "which has float32"),
     (["--label-smoothing", "0.1"], "--label-smoothing 0.1 contradicts", "which has 0"),
     (["--weight-decay", "0"], "--weight-decay 0 contradicts", "which has 0.0005"),
+    (["--augment", "none"], "--augment none contradicts", "which has crop"),
     (["--epochs", "0"], "--epochs must be positive", ""),
     (["--init-from", "elsewhere"], "--init-from elsewhere contradicts", "which has None"),
 ]
@@ -145,10 +146,14 @@ def test_folder_runs_store_the_resolved_path_and_stop_when_the_folder_changed(
     monkeypatch.chdir(tmp_path)
     workdir = tmp_path / "run"
     base = ["--arch", "simple_cnn", "--epochs", "1", "--no-progress"]
-    code, _, err = cli_lines([*base, "--dataset", "folder:imgs", "--workdir", str(workdir)], capsys)
+    code, out, err = cli_lines(
+        [*base, "--dataset", "folder:imgs", "--workdir", str(workdir)], capsys
+    )
     assert code == 0, err
+    assert "  augment      crop+flip (random shifts by up to 4 px, horizontal flips)" in out
     saved = json.loads((workdir / "config.json").read_text())
     assert saved["dataset"] == f"folder:{folder.resolve()}"
+    assert saved["augment"] == "crop+flip"  # resolved: a folder's own augmentation
 
     # flaxcnn.evaluate from another directory finds the data.
     monkeypatch.chdir("/")
@@ -257,7 +262,7 @@ def test_one_run_per_workdir(lenet_run, env, tmp_path):
         assert len(result.stderr.strip().splitlines()) == 1
         assert snapshot(lenet_run) == before
         # Readers do not need the lock.
-        assert plot.read_run(lenet_run)[1]
+        assert plot.read_run(lenet_run)
 
     # A holder killed with -9 leaves no stale lock.
     holder = subprocess.Popen(
@@ -456,6 +461,36 @@ def test_no_resume_without_the_runs_settings_and_older_runs_keep_theirs(lenet_ru
     (workdir / "config.json").unlink()
     with pytest.raises(UsageError, match=r"no readable config\.json"):
         train(TrainConfig(arch="lenet5", workdir=str(workdir), epochs=3), out=quiet)
+
+
+def test_runs_record_their_augmentation_and_older_runs_keep_their_data_sets_own(
+    finished_run, copy_run
+):
+    """config.json holds --augment resolved (the digits are never mirrored). A run from
+    before --augment has no such key: it ran with its data set's own augmentation, which a
+    resume keeps (and checks given flags against) without loading the data."""
+    from flaxcnn import data
+    from flaxcnn.data.transforms import AUGMENTATIONS
+    from flaxcnn.training.config import AUGMENT_CHOICES
+    from flaxcnn.training.loop import resume_settings
+
+    assert ("default", *AUGMENTATIONS) == AUGMENT_CHOICES
+    assert not data.flips_keep_labels("digits") and data.flips_keep_labels("folder:/x")
+    assert data.flips_keep_labels("cifar10") and not data.flips_keep_labels("mnist:3.0.1")
+    workdir = copy_run(finished_run)
+    stored = json.loads((workdir / "config.json").read_text())
+    assert stored["augment"] == "crop"
+    del stored["augment"]  # as a run of an older version recorded it
+    (workdir / "config.json").write_text(json.dumps(stored))
+
+    def resumed(**given) -> TrainConfig:
+        config = TrainConfig(workdir=str(workdir), **given)
+        return resume_settings(config, {"workdir", *given})[0]
+
+    assert resumed().augment == "crop"
+    assert resumed(augment="crop").augment == resumed(augment="default").augment == "crop"
+    with pytest.raises(UsageError, match=r"--augment crop\+flip contradicts .* which has crop;"):
+        resumed(augment="crop+flip")
 
 
 @pytest.mark.slow
