@@ -11,10 +11,12 @@ An experiment script reads like this:
     page.text("The claim held: ...")
     page.write(data={"rows": rows})                          # NAME.md + NAME.json
 
-`--quick` and `--full` write into `experiments/results/` (quick results are committed;
-full results go to `NAME-full.*` beside them, so a quick run never overwrites them);
-`--smoke` writes under `runs/experiments/` unless `--out` says otherwise, so the test
-suite never touches committed results.
+Every size writes under `runs/experiments/` (`results/`, or `smoke/` for `--smoke`) unless
+`--out` says otherwise, so running a script never changes a checkout. `--publish` writes the
+committed pages in `experiments/results/` instead (full results go to `NAME-full.*` beside
+the quick ones, so a quick run never overwrites them); `experiments/run_all.py` does that
+for every committed page. Each page records the commit it was measured at (and whether the
+tree had uncommitted changes), the machine, and the load average before and after.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import os
 import platform
 import shlex
 import shutil
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -57,6 +60,8 @@ class Run:
     command: str
     args: argparse.Namespace
     started: float = dataclasses.field(default_factory=time.time)
+    code: dict[str, Any] = dataclasses.field(default_factory=lambda: code_version())
+    load_at_start: list[float] = dataclasses.field(default_factory=lambda: load_average())
 
     @property
     def smoke(self) -> bool:
@@ -96,11 +101,17 @@ def build_parser(name: str, description: str | None) -> argparse.ArgumentParser:
     ):
         size.add_argument(f"--{value}", dest="size", action="store_const", const=value, help=text)
     parser.set_defaults(size="quick")
-    parser.add_argument(
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument(
         "--out",
         default=None,
-        help="directory for the results page, figures and JSON (default: experiments/results, "
-        "or runs/experiments/smoke for --smoke)",
+        help="directory for the results page, figures and JSON (default: "
+        "runs/experiments/results, or runs/experiments/smoke for --smoke)",
+    )
+    where.add_argument(
+        "--publish",
+        action="store_true",
+        help="write the committed page in experiments/results (quick and full sizes)",
     )
     parser.add_argument(
         "--workdir",
@@ -127,8 +138,10 @@ def start(
         add_arguments(parser)
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
-    default_out = SCRATCH / "smoke" if args.size == "smoke" else RESULTS
-    out = Path(args.out) if args.out else default_out
+    if args.publish and args.size == "smoke":
+        parser.error("--publish writes the committed pages: give --quick or --full")
+    default_out = SCRATCH / ("smoke" if args.size == "smoke" else "results")
+    out = RESULTS if args.publish else Path(args.out) if args.out else default_out
     workdir = Path(args.workdir) if args.workdir else SCRATCH / f"{name}-{args.size}"
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -136,7 +149,7 @@ def start(
         cli.fail(f"cannot create --out {out}: {e.strerror or e}")
     if not os.access(out, os.W_OK | os.X_OK):
         cli.fail(f"--out {out} is not writable")
-    shown = [a for a in argv if a != "--quick"]
+    shown = [a for a in argv if a not in ("--quick", "--publish")]
     if args.size != "quick" and f"--{args.size}" not in shown:
         shown.insert(0, f"--{args.size}")
     command = shlex.join(["python", f"experiments/{name}.py", *shown])
@@ -163,6 +176,29 @@ def environment() -> dict[str, Any]:
         # Timings depend on what else ran: a load above the core count slows them down.
         "load_average_1min": round(os.getloadavg()[0], 1),
     }
+
+
+def load_average() -> list[float]:
+    """The 1, 5 and 15-minute load averages."""
+    return [round(x, 1) for x in os.getloadavg()]
+
+
+def code_version() -> dict[str, Any]:
+    """The commit of the checkout the experiment runs from, and whether its tracked files
+    differed from it (read when the run starts, before it writes anything)."""
+
+    def git(*args: str) -> str | None:
+        try:
+            done = subprocess.run(
+                ["git", "-C", str(HERE), *args], capture_output=True, text=True, timeout=30
+            )
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD")
+    status = git("status", "--porcelain", "--untracked-files=no")
+    return {"commit": commit, "uncommitted_changes": None if status is None else bool(status)}
 
 
 def cpu_model() -> str:
@@ -193,10 +229,24 @@ def provenance(run: Run, env: dict[str, Any]) -> str:
         if load is not None and env["cores"] and load > env["cores"] + 0.5
         else ""
     )
+    commit = run.code.get("commit")
+    code = (
+        f" Code: commit {commit[:10]}"
+        + (" with uncommitted changes" if run.code.get("uncommitted_changes") else "")
+        + "."
+        if commit
+        else " Code: not a git checkout."
+    )
+    start_load = run.load_at_start[0] if run.load_at_start else None
+    loads = (
+        f" Load average (1 min) {start_load:g} at the start, {load:g} at the end."
+        if start_load is not None and load is not None
+        else ""
+    )
     return (
         f"Measured {env['date']} on {env['cpu']} ({env['cores']} cores{memory}; jax devices: "
         f"{env['devices']}), Python {env['python']}, jax {env['jax']}, flax {env['flax']}, "
-        f"with `{run.command}` ({minutes:.1f} min, {run.size} size).{busy}"
+        f"with `{run.command}` ({minutes:.1f} min, {run.size} size).{code}{loads}{busy}"
     )
 
 
@@ -266,7 +316,9 @@ class Page:
             "experiment": self.run.name,
             "size": self.run.size,
             "command": self.run.command,
-            "environment": env,
+            "code": self.run.code,
+            "load_average_at_start": self.run.load_at_start,
+            "environment": {**env, "load_average_at_end": load_average()},
             "seconds": round(time.time() - self.run.started, 1),
             "data": data or {},
         }
