@@ -1,6 +1,7 @@
 """`python -m flaxcnn.evaluate --workdir DIR`: a trained checkpoint on the test split.
 
-Restores the best checkpoint of a run (else the latest, or the one at --step), rebuilds the
+Restores the best checkpoint of a run (the highest validation accuracy, or test accuracy for
+a run without a validation split; else the latest; or the one at --step), rebuilds the
 model from the metadata saved with it, and classifies every test example exactly once
 (`flaxcnn.data.eval_batches`: padded batches whose padding is masked out). Reports top-1,
 top-5 (with more than 5 classes) and per-class accuracy and draws the confusion matrix
@@ -134,7 +135,8 @@ def evaluate_workdir(
 
     `step` defaults to the best checkpoint (else the latest); `data_dir` and `batch_size`
     to the run's own (`config.json`); `output`, when given, is the confusion-matrix PNG.
-    Returns `step`, `arch`, `dataset`, `num_examples`, `top1`, `top5` (None with 5 classes
+    Returns `step`, `why` (why that checkpoint), `arch`, `dataset`, `num_examples`, `top1`,
+    `top5` (None with 5 classes
     or fewer, where it is always 1), `loss`,
     `class_names`, `per_class_accuracy` and `per_class_count` (arrays by class),
     `confusion_matrix` (int64 [true, predicted]) and `output` (the PNG's path or None).
@@ -153,7 +155,9 @@ def evaluate_workdir(
         raise cli.UsageError(f"--batch-size must be positive, got {batch_size}")
     data_dir = data_dir if data_dir is not None else config.get("data_dir")
 
+    asked = step is not None
     step, meta, variables = run.restore_variables(step)
+    why = "the one asked for (--step)" if asked else run.why_checkpoint(step)
     model = build_model(meta, variables)
     dataset = load_test_split(meta, data_dir, bool(config.get("skip_corrupt", False)))
     from flaxcnn import data
@@ -175,6 +179,7 @@ def evaluate_workdir(
     result = {
         "workdir": run.path,
         "step": step,
+        "why": why,
         "arch": meta["arch"],
         "dataset": meta["dataset"],
         "num_examples": total,
@@ -232,12 +237,13 @@ def report(result: dict[str, Any]) -> list[str]:
     lines = [
         f"{result['arch']} on {result['dataset']}: checkpoint step {result['step']}, "
         f"{result['num_examples']} test images",
+        f"  checkpoint      {result['why']}",
         f"  top-1 accuracy  {result['top1']:.4f}",
         f"  loss            {result['loss']:.4f}",
         "  per class (accuracy, correct/total):",
     ]
     if result["top5"] is not None:
-        lines.insert(2, f"  top-5 accuracy  {result['top5']:.4f}")
+        lines.insert(3, f"  top-5 accuracy  {result['top5']:.4f}")
     width = max(map(len, result["class_names"]))
     confusion = result["confusion_matrix"]
     for i, name in enumerate(result["class_names"]):

@@ -137,15 +137,22 @@ def curve(records: list[dict], split: str, key: str) -> tuple[list[int], list[fl
     return epochs, [by_epoch[e] for e in epochs]
 
 
+SPLIT_STYLES = (("train", "-"), ("val", ":"), ("test", "--"))
+SPLIT_NAMES = {"train": "train", "val": "validation", "test": "test"}
+
+
 def draw_runs(runs: Sequence[tuple[str, list[dict]]]) -> Figure:
-    """Loss (left) and accuracy (right) against epoch: solid train, dashed test, a colour a
-    run. The legend, below both panels, names each run once and then the two line styles."""
+    """Loss (left) and accuracy (right) against epoch: solid train, dotted validation (where
+    recorded), dashed test, a colour a run. The legend, below both panels, names each run
+    once and then the line styles."""
     figure = new_figure(11, 4.5 + 0.25 * len(runs))
     loss_ax, acc_ax = figure.subplots(1, 2)
     colors = [f"C{i % 10}" for i in range(len(runs))]
+    recorded = {r.get("split") for _, records in runs for r in records}
+    styles = [(split, style) for split, style in SPLIT_STYLES if split in recorded]
     for (_, records), color in zip(runs, colors, strict=True):
         for ax, key in ((loss_ax, "loss"), (acc_ax, "accuracy")):
-            for split, style in (("train", "-"), ("test", "--")):
+            for split, style in styles:
                 epochs, values = curve(records, split, key)
                 if epochs:
                     ax.plot(epochs, values, style, marker="o", markersize=3, color=color)
@@ -155,8 +162,8 @@ def draw_runs(runs: Sequence[tuple[str, list[dict]]]) -> Figure:
         ax.xaxis.get_major_locator().set_params(integer=True)
         ax.grid(alpha=0.3)
     handles = [Line2D([], [], color=c, marker="o", markersize=3) for c in colors]
-    handles += [Line2D([], [], color="gray", linestyle=s) for s in ("-", "--")]
-    labels = [label for label, _ in runs] + ["train", "test"]
+    handles += [Line2D([], [], color="gray", linestyle=style) for _, style in styles]
+    labels = [label for label, _ in runs] + [SPLIT_NAMES[split] for split, _ in styles]
     legend_inside(figure, handles, labels)
     return figure
 

@@ -14,7 +14,10 @@ array_record in ``data_dir`` (default :func:`default_data_dir`: ``$TFDS_DATA_DIR
 message says in one line how to prepare it; other problems raise ``ValueError`` with one
 line. ``ds.info`` is a :class:`DatasetInfo` (classes, stored image shape, split sizes,
 per-channel mean/std on the 0..1 scale, whether horizontal flips keep labels); ``ds.train``
-and ``ds.test`` are random-access sources of ``{"image": uint8 HxWxC, "label": int}``.
+and ``ds.test`` are random-access sources of ``{"image": uint8 HxWxC, "label": int}``, and
+``ds.val`` too where the set has a validation split of its own (TFDS ``validation`` beside
+``test``, a folder's ``val/``). :func:`hold_out` gives one to a set without: a fixed share
+of its training split.
 
 :class:`TrainPipeline` turns a data set into endless training batches for this process
 (``float32 [global_batch // process_count, S, S, C]`` images, normalised, ``int32`` labels),
@@ -24,7 +27,7 @@ once in padded batches with a boolean ``mask``. Everything runs on the host in n
 ``python -m flaxcnn.data.bench`` measures the throughput.
 """
 
-from flaxcnn.data.dataset import Dataset, DatasetInfo, DatasetNotPrepared
+from flaxcnn.data.dataset import Dataset, DatasetInfo, DatasetNotPrepared, hold_out
 from flaxcnn.data.loading import flips_keep_labels, load
 from flaxcnn.data.pipeline import EvalBatches, TrainIterator, TrainPipeline, eval_batches
 from flaxcnn.data.storage import default_data_dir
@@ -39,5 +42,6 @@ __all__ = [
     "default_data_dir",
     "eval_batches",
     "flips_keep_labels",
+    "hold_out",
     "load",
 ]

@@ -21,6 +21,7 @@ from flaxcnn.data.dataset import (
 )
 
 ARRAY_RECORD = tfds.core.FileFormat.ARRAY_RECORD
+VALIDATION = "validation"  # TFDS's name for a validation split
 OPENCV_WARNING = "OpenCV is not installed"
 MISSING_VARIANT_WARNING = "Variant folder %s has no"
 
@@ -126,8 +127,14 @@ def dataset_from_builder(
         for key in builder.info.features
         if key not in (image_key, label_key)
     }
-    sources = builder.as_data_source(split=[TRAIN, test_split], decoders=decoders or None)
-    train, test = (ImageLabelSource(s, image_key=image_key, label_key=label_key) for s in sources)
+    # A set with both a test and a validation split keeps the validation split for choosing
+    # checkpoints (where "validation" is its only held-out split, it serves as the test).
+    val_split = VALIDATION if test_split != VALIDATION and VALIDATION in splits else None
+    names = [TRAIN, test_split] + ([val_split] if val_split else [])
+    sources = builder.as_data_source(split=names, decoders=decoders or None)
+    train, test, *val = (
+        ImageLabelSource(s, image_key=image_key, label_key=label_key) for s in sources
+    )
     label_feature = builder.info.features[label_key]
     height, width, channels = builder.info.features[image_key].shape
     info = DatasetInfo(
@@ -140,5 +147,7 @@ def dataset_from_builder(
         mean=tuple(float(m) for m in mean),
         std=tuple(float(s) for s in std),
         hflip=bool(hflip),
+        num_val=len(val[0]) if val else 0,
+        val_source="own" if val else "",
     )
-    return Dataset(info=info, train=train, test=test)
+    return Dataset(info=info, train=train, test=test, val=val[0] if val else None)

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 TRAIN = "train"
+VAL = "val"
 TEST = "test"
 # Where a TFDS set has no "test" split, its held-out split is called one of these.
 TEST_SPLIT_ALIASES = ("test", "validation", "valid", "val")
@@ -34,7 +35,9 @@ class DatasetInfo:
     ``mean``/``std`` are per stored channel on the 0..1 scale. ``hflip`` says whether a
     horizontal flip keeps the label (False for digits and other characters).
     ``fingerprint`` changes with any file of a folder data set (its name, and so its class,
-    its size or its time); "" for other data sets.
+    its size or its time); "" for other data sets. ``num_val`` is the size of the
+    validation split (0: none); ``val_source`` says where it comes from: "" (none), "own"
+    (the data set's own validation split) or "held out" (a share of the training split).
     """
 
     name: str
@@ -47,6 +50,8 @@ class DatasetInfo:
     std: tuple[float, ...]
     hflip: bool
     fingerprint: str = ""
+    num_val: int = 0
+    val_source: str = ""
 
     @property
     def channels(self) -> int:
@@ -86,17 +91,75 @@ class ImageLabelSource(Sequence):
         return f"ImageLabelSource({self._source!r}, {len(self)} examples)"
 
 
+class Subset(Sequence):
+    """Some examples of a source, by index: the two parts of a training split that gives
+    up a share to validation. Picklable, random-access, batched reads passed through."""
+
+    def __init__(self, source: Sequence, indices: Sequence[int]):
+        self._source = source
+        self._indices = np.asarray(indices, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self._indices)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:  # type: ignore[override]
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"index {index} out of range for {len(self)} examples")
+        return self._source[int(self._indices[index])]
+
+    def __getitems__(self, indices: Sequence[int]) -> list[dict[str, Any]]:
+        picked = [int(self._indices[i]) for i in indices]
+        if hasattr(self._source, "__getitems__"):
+            return self._source.__getitems__(picked)
+        return [self._source[i] for i in picked]
+
+    def __repr__(self) -> str:
+        return f"Subset({self._source!r}, {len(self)} examples)"
+
+
 @dataclasses.dataclass(frozen=True)
 class Dataset:
-    """A loaded data set: its description and its two splits."""
+    """A loaded data set: its description and its splits (`val` None where it has none)."""
 
     info: DatasetInfo
-    train: ImageLabelSource
-    test: ImageLabelSource
+    train: Sequence
+    test: Sequence
+    val: Sequence | None = None
 
-    def split(self, name: str) -> ImageLabelSource:
+    def split(self, name: str) -> Sequence:
         if name == TRAIN:
             return self.train
         if name == TEST:
             return self.test
-        raise ValueError(f"unknown split {name!r}; expected 'train' or 'test'")
+        if name == VAL and self.val is not None:
+            return self.val
+        splits = "'train', 'val' or 'test'" if self.val is not None else "'train' or 'test'"
+        raise ValueError(f"unknown split {name!r} of {self.info.name}; expected {splits}")
+
+
+# The held-out validation images are the same for every --seed: runs of several seeds are
+# then chosen on the same images, and only their training differs.
+HOLD_OUT_SEED = 0
+
+
+def hold_out(dataset: Dataset, fraction: float) -> Dataset:
+    """The data set with a validation split: its own where it has one; else `fraction` of
+    its training split, drawn at random (HOLD_OUT_SEED) and no longer trained on; else
+    (`fraction` 0) none. At least one image is held out when `fraction` is positive."""
+    if dataset.val is not None or fraction <= 0:
+        return dataset
+    if not fraction < 1:
+        raise ValueError(f"the validation fraction must be below 1, got {fraction}")
+    n = len(dataset.train)
+    count = max(1, round(fraction * n))
+    if count >= n:
+        raise ValueError(
+            f"{dataset.info.name}: holding out {count} of its {n} training images for "
+            "validation leaves none to train on; lower --val-fraction or add images"
+        )
+    order = np.random.default_rng(HOLD_OUT_SEED).permutation(n)
+    val, train = np.sort(order[:count]), np.sort(order[count:])
+    info = dataclasses.replace(
+        dataset.info, num_train=len(train), num_val=count, val_source="held out"
+    )
+    return Dataset(info, Subset(dataset.train, train), dataset.test, Subset(dataset.train, val))

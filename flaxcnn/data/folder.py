@@ -36,7 +36,7 @@ import tensorflow_datasets as tfds
 from PIL import ExifTags, Image, ImageOps
 
 from flaxcnn.data import folder_listing
-from flaxcnn.data.builders import dataset_from_builder, prepare_array_record
+from flaxcnn.data.builders import VALIDATION, dataset_from_builder, prepare_array_record
 from flaxcnn.data.dataset import Dataset
 from flaxcnn.data.folder_listing import Example, FolderListing, list_folder
 from flaxcnn.data.imaging import ChannelStats, encode_png, resize_square
@@ -148,6 +148,7 @@ class FolderImages(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         listing: FolderListing,
         train: Sequence[Example],
         test: Sequence[Example],
+        val: Sequence[Example],
         plan: StoragePlan,
         skip_corrupt: bool,
         skipped: Sequence[str],
@@ -155,6 +156,8 @@ class FolderImages(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     ):
         self._listing = listing
         self._examples = {"train": train, "test": test}
+        if val:
+            self._examples[VALIDATION] = val
         self._plan = plan
         self._skip_corrupt = skip_corrupt
         self._skipped = list(skipped)
@@ -219,6 +222,7 @@ class FolderImages(tfds.core.GeneratorBasedBuilder, skip_registration=True):
                     "seed": folder_listing.SPLIT_SEED,
                 }
             ),
+            validation=f"{folder_listing.VAL_DIR}/ subdirectory" if self._listing.val else None,
             resized_to=self._plan.resize_to,
             skipped=sorted(self._skipped),
         )
@@ -246,6 +250,7 @@ class Checked:
 
     train: list[Example]
     test: list[Example]
+    val: list[Example]
     plan: StoragePlan
     skipped: list[str]
 
@@ -255,9 +260,11 @@ def check_images(listing: FolderListing, skip_corrupt: bool) -> Checked:
     skipped = [p.relative_to(listing.root).as_posix() for p in listing.strays]
     train, train_headers = _readable(listing.train, skip_corrupt, skipped, listing.root)
     test, test_headers = _readable(listing.test, skip_corrupt, skipped, listing.root)
-    if not train or not test:
+    val, val_headers = _readable(listing.val, skip_corrupt, skipped, listing.root)
+    if not train or not test or (listing.val and not val):
         raise ValueError(f"{PREFIX}{listing.root}: no readable images left in a split")
-    return Checked(train, test, storage_plan(train_headers + test_headers), skipped)
+    plan = storage_plan(train_headers + test_headers + val_headers)
+    return Checked(train, test, val, plan, skipped)
 
 
 def _prepare(listing: FolderListing, checked: Checked, target: Path, skip_corrupt: bool) -> None:
@@ -271,6 +278,7 @@ def _prepare(listing: FolderListing, checked: Checked, target: Path, skip_corrup
             listing=listing,
             train=checked.train,
             test=checked.test,
+            val=checked.val,
             plan=checked.plan,
             skip_corrupt=skip_corrupt,
             skipped=checked.skipped,
@@ -339,6 +347,8 @@ def load_folder(
         MAX_STORED_SIDE,
         folder_listing.TEST_FRACTION,
         folder_listing.SPLIT_SEED,
+        # Only where it matters: folders prepared before val/ was a split keep their copy.
+        *([folder_listing.VAL_DIR] if listing.val else []),
     )
     home = prepared_home(listing.root, data_dir)
     prepared = home / fingerprint

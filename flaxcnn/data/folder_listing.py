@@ -1,8 +1,9 @@
 """Reading a ``folder:PATH`` data set's layout: classes, image files, test split, fingerprint.
 
 Layout: ``PATH/<class>/**/<image>``, PNG or JPEG, with an optional ``PATH/test/<class>/...``
-holding the test split (its classes must be the same). Hidden files and directories (names
-starting with ".") are ignored; any other file that cannot be an example is a *stray*.
+holding the test split and an optional ``PATH/val/<class>/...`` holding a validation split
+(their classes must be the training classes). Hidden files and directories (names starting
+with ".") are ignored; any other file that cannot be an example is a *stray*.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import numpy as np
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg"})
 TEST_DIR = "test"
+VAL_DIR = "val"
 TEST_FRACTION = 0.2
 SPLIT_SEED = 0
 
@@ -38,6 +40,7 @@ class FolderListing:
     strays: tuple[Path, ...]
     # (relative path, size, mtime in ns) of every non-hidden file: what the fingerprint hashes.
     file_stats: tuple[tuple[str, int, int], ...]
+    val: tuple[Example, ...] = ()  # from PATH/val/, else none
 
     def fingerprint(self, *settings: object) -> str:
         """Changes when any file is added, removed, resized or touched, or a setting changes."""
@@ -119,8 +122,8 @@ def list_folder(path: str | os.PathLike) -> FolderListing:
     if not root.is_dir():
         raise ValueError(f"{where}: no such directory")
     subdirs = _subdirectories(root)
-    has_test = TEST_DIR in subdirs
-    class_names = tuple(d for d in subdirs if not (has_test and d == TEST_DIR))
+    has_test, has_val = TEST_DIR in subdirs, VAL_DIR in subdirs
+    class_names = tuple(d for d in subdirs if d not in (TEST_DIR, VAL_DIR))
     layout = f"expected one subdirectory of PNG/JPEG images per class ({root}/<class>/<image>)"
     if not class_names:
         raise ValueError(f"{where} has no class subdirectories; {layout}")
@@ -142,25 +145,11 @@ def list_folder(path: str | os.PathLike) -> FolderListing:
             raise ValueError(f"{where}: class directory {name!r} has no PNG/JPEG images")
 
     if has_test:
-        test_root = root / TEST_DIR
-        test_classes = tuple(_subdirectories(test_root))
-        if test_classes != class_names:
-            missing = sorted(set(class_names) - set(test_classes))
-            extra = sorted(set(test_classes) - set(class_names))
-            raise ValueError(
-                f"{where}: {TEST_DIR}/ must have the same class subdirectories as the training "
-                f"classes (missing: {missing}, unexpected: {extra})"
-            )
-        strays.extend(
-            test_root / e.name for e in os.scandir(test_root) if e.is_file() and _visible(e.name)
-        )
-        test_images = _class_examples(test_root, class_names, strays)
         train = [Example(p, label) for label, c in enumerate(class_names) for p in images[c]]
-        test = [Example(p, label) for label, c in enumerate(class_names) for p in test_images[c]]
-        if not test:
-            raise ValueError(f"{where}: {TEST_DIR}/ has no PNG/JPEG images")
+        test = _split_directory(root / TEST_DIR, class_names, strays, where)
     else:
         train, test = _stratified_split(images, class_names, where)
+    val = _split_directory(root / VAL_DIR, class_names, strays, where) if has_val else []
 
     file_stats = []
     for file in _walk_files(root):
@@ -174,4 +163,26 @@ def list_folder(path: str | os.PathLike) -> FolderListing:
         test_from_directory=has_test,
         strays=tuple(sorted(strays)),
         file_stats=tuple(file_stats),
+        val=tuple(val),
     )
+
+
+def _split_directory(
+    base: Path, class_names: tuple[str, ...], strays: list[Path], where: str
+) -> list[Example]:
+    """The examples of a split kept in its own directory (test/ or val/), which must hold a
+    subdirectory for each training class and no other."""
+    found = tuple(_subdirectories(base))
+    if found != class_names:
+        missing = sorted(set(class_names) - set(found))
+        extra = sorted(set(found) - set(class_names))
+        raise ValueError(
+            f"{where}: {base.name}/ must have the same class subdirectories as the training "
+            f"classes (missing: {missing}, unexpected: {extra})"
+        )
+    strays.extend(base / e.name for e in os.scandir(base) if e.is_file() and _visible(e.name))
+    images = _class_examples(base, class_names, strays)
+    examples = [Example(p, label) for label, c in enumerate(class_names) for p in images[c]]
+    if not examples:
+        raise ValueError(f"{where}: {base.name}/ has no PNG/JPEG images")
+    return examples

@@ -2,7 +2,8 @@
 
 A checkpoint is written to a temporary directory and renamed into place only when
 complete (orbax's atomic commit), so a kill at any moment leaves the previous ones intact.
-The last `keep` checkpoints are kept, plus the one with the best test accuracy.
+The last `keep` checkpoints are kept, plus the best: the one with the highest validation
+accuracy, or test accuracy for a run without a validation split (`selection_metric`).
 
 Damage after the fact (flipped bits, a truncated file, a full disk during a copy) is caught
 by `checksums.json`, written into each checkpoint once it is committed: every file's size
@@ -32,8 +33,15 @@ from orbax.checkpoint import checkpoint_managers as policies
 
 from flaxcnn.training.rundir import DAMAGED, absl_errors_only
 
-BEST_METRIC = "test_accuracy"
+VAL_METRIC = "val_accuracy"
+TEST_METRIC = "test_accuracy"
 CHECKSUMS = "checksums.json"
+
+
+def selection_metric(metrics: dict[str, float]) -> float:
+    """What ranks a checkpoint: its validation accuracy where the run has a validation
+    split, else its test accuracy (--val-fraction 0, and runs from before validation)."""
+    return metrics[VAL_METRIC] if VAL_METRIC in metrics else metrics[TEST_METRIC]
 
 
 class CheckpointWriteError(OSError):
@@ -67,7 +75,7 @@ class Checkpoints:
             [
                 policies.LatestN(keep),
                 policies.BestN(
-                    get_metric_fn=lambda m: m[BEST_METRIC],
+                    get_metric_fn=selection_metric,
                     n=1,
                     keep_checkpoints_without_metrics=False,
                 ),
@@ -77,7 +85,7 @@ class Checkpoints:
             preservation_policy=preservation,
             # best_fn makes the manager record each save's metrics, which BestN and
             # best_step() read (also after a restart).
-            best_fn=lambda m: m[BEST_METRIC],
+            best_fn=selection_metric,
             best_mode="max",
             enable_async_checkpointing=False,
             # A kill during a save leaves a temporary directory: removed on the next start.
@@ -93,6 +101,10 @@ class Checkpoints:
 
     def best_step(self) -> int | None:
         return self.manager.best_step()
+
+    def metrics(self, step: int) -> dict[str, float] | None:
+        """The metrics saved with the checkpoint at `step` (None: saved without any)."""
+        return self.manager.metrics(step)
 
     def save(
         self,

@@ -93,6 +93,13 @@ class TrainConfig:
     skip_corrupt: bool = setting(
         False, "folder data sets: leave out images that cannot be decoded instead of stopping"
     )
+    val_fraction: float = setting(
+        0.1,
+        "share of the training split held out (the same images for every seed) to choose the "
+        "best checkpoint on, where the data set has no validation split of its own (TFDS "
+        "validation beside test, a folder's val/); 0: none, the best is then chosen on the "
+        "test split",
+    )
     precise_bn: int = setting(
         4,
         "before each evaluation, recompute BatchNorm statistics over this many training "
@@ -177,6 +184,8 @@ class TrainConfig:
             raise UsageError("--arch is required (python -m flaxcnn.models lists them)")
         if not 0.0 <= self.label_smoothing < 1.0:
             raise UsageError(f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
+        if not (isinstance(self.val_fraction, int | float) and 0.0 <= self.val_fraction < 1.0):
+            raise UsageError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
         if self.dropout is not None and not 0.0 <= self.dropout < 1.0:
             raise UsageError(f"--dropout must be in [0, 1), got {self.dropout}")
         for name, allowed in (

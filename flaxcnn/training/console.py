@@ -29,7 +29,10 @@ def header(setup: Setup, resumed_from: int | None) -> list[str]:
     options = {k: v for k, v in net.options.items() if k != "small_stem"}
     lines = [
         f"flaxcnn: {c.arch} on {info.name} ({info.num_classes} classes, "
-        f"{info.num_train} train / {info.num_test} test images)",
+        f"{info.num_train} train / "
+        + (f"{info.num_val} val / " if info.num_val else "")
+        + f"{info.num_test} test images)",
+        f"  splits       {splits(info, c.val_fraction)}",
         f"  parameters   {setup.params:,}",
         f"  devices      {devices} x {kind} ({jax.process_count()} process(es), {local} local)",
         f"  batch        {setup.batch_size} global, {setup.batch_size // devices} per device, "
@@ -44,7 +47,7 @@ def header(setup: Setup, resumed_from: int | None) -> list[str]:
     ]
     if options:
         listed = ", ".join(f"{k}={v}" for k, v in options.items())
-        lines.insert(7, f"  options      {listed}")
+        lines.insert(8, f"  options      {listed}")
     if c.init_from:
         frozen = (
             "; backbone frozen: only the classifier trains, the rest in inference mode "
@@ -58,6 +61,20 @@ def header(setup: Setup, resumed_from: int | None) -> list[str]:
     return lines
 
 
+def splits(info: Any, val_fraction: float) -> str:
+    """Where the validation split comes from, and what chooses the best checkpoint."""
+    if info.val_source == "own":
+        held = f"{info.num_val} validation images (the data set's own split)"
+    elif info.num_val:
+        held = f"{info.num_val} validation images ({val_fraction:g} of the training split)"
+    else:
+        return (
+            "no validation split (--val-fraction 0): the best checkpoint is the one with the "
+            "best test accuracy"
+        )
+    return f"{held}: the best checkpoint is the one with the best validation accuracy"
+
+
 def augmentation(augment: str, image_size: int) -> str:
     """The resolved --augment value, and what it does at this input size."""
     crop = f"random shifts by up to {crop_padding(image_size)} px"
@@ -65,11 +82,18 @@ def augmentation(augment: str, image_size: int) -> str:
     return augment + said[augment]
 
 
-def epoch_line(setup: Setup, train: dict[str, Any], test: dict[str, float] | None) -> str:
+def epoch_line(
+    setup: Setup,
+    train: dict[str, Any],
+    test: dict[str, float] | None,
+    val: dict[str, float] | None = None,
+) -> str:
     line = (
         f"epoch {train['epoch']}/{setup.config.epochs}  train loss {train['loss']:.4f}  "
         f"acc {train['accuracy']:.4f}  {train['images_per_sec']:.0f} img/s"
     )
+    if val:
+        line += f"  |  val loss {val['loss']:.4f}  acc {val['accuracy']:.4f}"
     if test:
         line += f"  |  test loss {test['loss']:.4f}  acc {test['accuracy']:.4f}"
     return line

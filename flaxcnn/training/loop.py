@@ -40,7 +40,12 @@ from flaxcnn.training import (
     warm_start,
 )
 from flaxcnn.training.build import create_train_state
-from flaxcnn.training.checkpoint import BEST_METRIC, CheckpointWriteError, NoIntactCheckpoint
+from flaxcnn.training.checkpoint import (
+    TEST_METRIC,
+    VAL_METRIC,
+    CheckpointWriteError,
+    NoIntactCheckpoint,
+)
 from flaxcnn.training.config import TrainConfig
 from flaxcnn.training.errors import Interrupted, NonFiniteLoss, TrainingError
 from flaxcnn.training.evaluation import means
@@ -332,13 +337,20 @@ class Trainer:
         setup = self.setup
         test: dict[str, float] = {}
         if self.step >= setup.total_steps:  # resumed a finished run: report it again
-            test = self.evaluate()
+            test = self.evaluate()["test"]
             self._write_config()
         with self.stop.installed():
             while self.step < setup.total_steps:
                 epoch = setup.plan.epoch_of(self.step)
                 record = self.train_epoch(epoch)
                 test = self.end_epoch(record) or test
+        best = self.ckpts.best_step()
+        if best is not None and VAL_METRIC in (self.ckpts.metrics(best) or {}):
+            self.out(
+                f"best checkpoint: step {best}, validation accuracy "
+                f"{self.ckpts.metrics(best)[VAL_METRIC]:.4f} (what evaluate, predict and "
+                "--init-from use)"
+            )
         self.out(f"test accuracy: {test['accuracy']:.4f}")
         return test
 
@@ -389,12 +401,16 @@ class Trainer:
         setup, epoch = self.setup, record["epoch"]
         self.log(record)
         last = self.step == setup.total_steps
-        test, metrics = None, None
+        results, metrics = {}, None
         if epoch % self.config.eval_every == 0 or last:
-            test = self.evaluate()
-            self.log({"split": "test", "epoch": epoch, "step": self.step, **test})
-            metrics = {BEST_METRIC: test["accuracy"]}
-        self.out(console.epoch_line(setup, record, test))
+            results = self.evaluate()
+            for split, values in results.items():
+                self.log({"split": split, "epoch": epoch, "step": self.step, **values})
+            metrics = {TEST_METRIC: results["test"]["accuracy"]}
+            if "val" in results:  # then the best checkpoint is chosen by it
+                metrics[VAL_METRIC] = results["val"]["accuracy"]
+        test = results.get("test")
+        self.out(console.epoch_line(setup, record, test, results.get("val")))
         stopping = self.stop.due(sync_point=True)
         if setup.checkpoint_due(self.step) or last or stopping:
             self.save(metrics=metrics)
@@ -402,20 +418,27 @@ class Trainer:
             raise self.interrupted()
         return test
 
-    def evaluate(self) -> dict[str, float]:
-        """Test-split loss and accuracy, after recomputing BatchNorm statistics (precise BN)."""
+    def evaluate(self) -> dict[str, dict[str, float]]:
+        """Loss and accuracy on the validation split (where the run has one) and the test
+        split, after recomputing BatchNorm statistics (precise BN): {"val": ..., "test": ...}.
+        """
         if self.bn_pipeline is not None:
             self.dstate = precise_bn.recompute(self.par, self.dstate, self.bn_batches())
         net = self.setup.network
-        total = EpochSums(self.par.get_metrics)
-        for batch in data.eval_batches(
-            self.setup.dataset,
-            global_batch_size=self.setup.batch_size,
-            image_size=net.image_size,
-            channels=net.in_channels,
-        ):
-            total.add(self.par.eval_step(self.dstate, self.par.put_batch(batch)))
-        return means(total.host())
+        splits = (["val"] if self.setup.dataset.val is not None else []) + ["test"]
+        results = {}
+        for split in splits:
+            total = EpochSums(self.par.get_metrics)
+            for batch in data.eval_batches(
+                self.setup.dataset,
+                split=split,
+                global_batch_size=self.setup.batch_size,
+                image_size=net.image_size,
+                channels=net.in_channels,
+            ):
+                total.add(self.par.eval_step(self.dstate, self.par.put_batch(batch)))
+            results[split] = means(total.host())
+        return results
 
     def bn_batches(self) -> Iterator[dict[str, np.ndarray]]:
         """The same first `precise_bn` training batches every time (no augmentation)."""

@@ -218,6 +218,7 @@ def prepare(config: TrainConfig, stored: dict[str, Any] | None = None) -> Setup:
         dataset = data.load(
             config.dataset, data_dir=config.data_dir, skip_corrupt=config.skip_corrupt
         )
+        dataset = data.hold_out(dataset, config.val_fraction)
     except ValueError as e:  # DatasetNotPrepared is a ValueError too
         raise UsageError(str(e)) from None
     config = dataclasses.replace(
@@ -282,6 +283,13 @@ def prepare(config: TrainConfig, stored: dict[str, Any] | None = None) -> Setup:
     )
 
 
+def best_by(info: data.DatasetInfo) -> str:
+    """The metric that chooses a run's best checkpoint: validation accuracy where the run
+    has a validation split, else (--val-fraction 0, runs from before validation splits)
+    test accuracy."""
+    return "val_accuracy" if info.num_val else "test_accuracy"
+
+
 def resolved_config(setup: Setup, previous: dict[str, Any] | None = None) -> dict[str, Any]:
     """`config.json`: every setting as used, defaults resolved, and how they were chosen.
 
@@ -312,6 +320,7 @@ def resolved_config(setup: Setup, previous: dict[str, Any] | None = None) -> dic
         "checkpoint_every_steps": setup.checkpoint_every,
         "total_steps": setup.total_steps,
         "data": resume.data_signature(setup.dataset.info),
+        "best_checkpoint_by": best_by(setup.dataset.info),
         "devices": jax.device_count(),
         "processes": jax.process_count(),
         "jax_version": jax.__version__,

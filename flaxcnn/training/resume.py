@@ -40,11 +40,15 @@ MAY_CHANGE = frozenset(
 )
 # Settings that runs before this version did not record, with the value they ran with
 # ("default": the data set's own augmentation, resolved from its name on resume).
-LEGACY = {"precise_bn": 0, "skip_corrupt": False, "freeze_backbone": False, "augment": "default"}
+LEGACY = {
+    "precise_bn": 0, "skip_corrupt": False, "freeze_backbone": False, "augment": "default",
+    "val_fraction": 0.0,
+}  # fmt: skip
 # What the stored run's data looked like: a changed folder shows in its fingerprint (any file
 # added, removed, moved to another class, resized or touched), counts or statistics.
 DATA_KEYS = (
     "name", "num_classes", "class_names", "num_train", "num_test", "mean", "std", "fingerprint",
+    "num_val", "val_source",
 )  # fmt: skip
 
 

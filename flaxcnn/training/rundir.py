@@ -115,15 +115,35 @@ class RunDir:
             listed = ", ".join(map(str, steps))
             raise UsageError(f"no checkpoint at step {step}; the run has steps {listed}")
 
-    def checkpoints(self, keep: int = 3, read_only: bool = True):
+    def checkpoints(self, keep: int = 2, read_only: bool = True):
         """The orbax-backed `Checkpoints` of this run (read-only unless the trainer asks)."""
         from flaxcnn.training.checkpoint import Checkpoints
 
         return Checkpoints(self.checkpoints_path, keep=keep, read_only=read_only)
 
+    def why_checkpoint(self, step: int) -> str:
+        """Why the checkpoint at `step` is the one `restore_variables()` chose by default."""
+        from flaxcnn.training.checkpoint import TEST_METRIC, VAL_METRIC
+
+        with absl_errors_only():
+            ckpts = self.checkpoints(read_only=True)
+            try:
+                best, metrics = ckpts.best_step(), ckpts.metrics(step) or {}
+            finally:
+                ckpts.close()
+        if best != step:
+            return "the latest: no checkpoint of the run recorded an evaluation"
+        if VAL_METRIC in metrics:
+            return f"the best validation accuracy of the run ({metrics[VAL_METRIC]:.4f})"
+        return (
+            f"the best test accuracy of the run ({metrics[TEST_METRIC]:.4f}): it has no "
+            "validation split, so the test split chose it"
+        )
+
     def restore_variables(self, step: int | None = None) -> tuple[int, dict, dict]:
         """(step, metadata, {"params", "batch_stats"}) of the checkpoint at `step`, by default
-        the best one (highest test accuracy), else the latest; UsageError if it is damaged."""
+        the best one (highest validation accuracy, or test accuracy for a run without a
+        validation split), else the latest; UsageError if it is damaged."""
         from flaxcnn.training.checkpoint import damage
 
         self.require_checkpoint(step)

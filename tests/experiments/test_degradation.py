@@ -12,7 +12,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 EXPERIMENTS = ROOT / "experiments"
-BATCH, STEPS = 256, 5  # --smoke: one epoch of the 1,437 training digits, remainder dropped
+BATCH, STEPS = 256, 5  # --smoke: an epoch of the 1,293 training digits, remainder dropped
 
 
 def metrics_lines(workdir: Path) -> list[dict]:

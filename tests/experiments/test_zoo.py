@@ -65,17 +65,19 @@ def test_smoke_benches_and_trains_through_the_library(run_experiment, reference)
     assert lenet["train_skipped"] is None
     assert train["epochs"] == 1 and train["batch_size"] == 128
     # The trainer's own log of the run (its checkpoints were deleted, its metrics kept):
-    # one epoch of 11 steps of 128 digits, then one evaluation on the 360 test digits.
+    # one epoch of 10 steps of 128 digits, then one evaluation on the 144 validation and the
+    # 360 test digits.
     lines = (out.parent / "work" / "lenet5" / "metrics.jsonl").read_text().splitlines()
     logged = [json.loads(line) for line in lines]
     assert [(r["split"], r["epoch"], r["step"]) for r in logged] == [
-        ("train", 1, 11),
-        ("test", 1, 11),
+        ("train", 1, 10),
+        ("val", 1, 10),
+        ("test", 1, 10),
     ]
-    assert train["accuracy"] == logged[1]["accuracy"] and train["loss"] == logged[1]["loss"]
+    assert train["accuracy"] == logged[2]["accuracy"] and train["loss"] == logged[2]["loss"]
     assert train["final_train_accuracy"] == logged[0]["accuracy"]
     assert train["final_train_loss"] == logged[0]["loss"]
-    for accuracy, examples in ((train["accuracy"], 360), (train["final_train_accuracy"], 11 * 128)):
+    for accuracy, examples in ((train["accuracy"], 360), (train["final_train_accuracy"], 10 * 128)):
         assert accuracy * examples == pytest.approx(round(accuracy * examples), abs=1e-6)
     assert train["log"][-1] == f"test accuracy: {train['accuracy']:.4f}"
     assert 0 < 11 * 128 / logged[0]["images_per_sec"] < train["wall_sec"]  # the epoch's time

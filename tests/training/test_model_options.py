@@ -112,7 +112,7 @@ def test_scanned_resnet_trains(digits_data_dir, tmp_path):
         digits_data_dir, tmp_path, "s", arch="resnet20", image_size=8, epochs=1, batch_size=32,
         model_options={"scan_blocks": True},
     )  # fmt: skip
-    test = train(cfg, out=quiet)  # 44 steps
+    test = train(cfg, out=quiet)  # 40 steps
     assert test["accuracy"] > 0.5, test
     _, _, variables = RunDir(tmp_path / "s").restore_variables()
     assert "layer1_rest" in variables["params"], list(variables["params"])

@@ -129,11 +129,11 @@ def test_plot_puts_several_runs_on_one_figure_named_by_their_workdirs(run, tmp_p
     assert labels == [run.name, other.name, third.name]
     runs = list(zip(labels, [plot.read_run(w) for w in workdirs], strict=True))
     figure = plot.draw_runs(runs)
-    assert legend_inside_figure(figure) == [*labels, "train", "test"]
+    assert legend_inside_figure(figure) == [*labels, "train", "validation", "test"]
     loss_ax, acc_ax = figure.axes
-    assert len(loss_ax.lines) == len(acc_ax.lines) == 6
+    assert len(loss_ax.lines) == len(acc_ax.lines) == 9  # 3 runs x (train, val, test)
     epochs, losses = plot.curve(runs[1][1], "test", "loss")
-    assert epochs == [1, 2] and losses == list(loss_ax.lines[3].get_ydata())
+    assert epochs == [1, 2] and losses == list(loss_ax.lines[5].get_ydata())  # run 1, test
 
     output = tmp_path / "all.png"
     assert plot.plot_runs(workdirs, output) == output
@@ -307,7 +307,7 @@ def test_bad_input_is_one_line_and_exit_code_2(run, tmp_path, data_dir, capsys):
 
 
 def test_library_errors_name_the_problem(run, tmp_path):
-    with pytest.raises(cli.UsageError, match="steps 11, 22"):
+    with pytest.raises(cli.UsageError, match="steps 10, 20"):
         ev.evaluate_workdir(run, step=3)
     empty = tmp_path / "empty"
     (empty / "checkpoints").mkdir(parents=True)
@@ -323,6 +323,6 @@ def test_library_errors_name_the_problem(run, tmp_path):
     shutil.copytree(run, copy, ignore=shutil.ignore_patterns("checkpoints"))
     with open(copy / "metrics.jsonl", "a") as f:
         f.write('{"split": "test", "epo\n')  # a whole line, not a torn one: refused
-    with pytest.raises(cli.UsageError, match="line 5 is not a JSON object"):
+    with pytest.raises(cli.UsageError, match="line 7 is not a JSON object"):
         plot.plot_runs([copy], tmp_path / "x.png")
     assert not (tmp_path / "x.png").exists()

@@ -91,6 +91,7 @@ CONTRADICTIONS = [
     (["--label-smoothing", "0.1"], "--label-smoothing 0.1 contradicts", "which has 0"),
     (["--weight-decay", "0"], "--weight-decay 0 contradicts", "which has 0.0005"),
     (["--augment", "none"], "--augment none contradicts", "which has crop"),
+    (["--val-fraction", "0.2"], "--val-fraction 0.2 contradicts", "which has 0.1"),
     (["--epochs", "0"], "--epochs must be positive", ""),
     (["--init-from", "elsewhere"], "--init-from elsewhere contradicts", "which has None"),
 ]
@@ -298,8 +299,8 @@ def test_a_damaged_checkpoint_is_set_aside_and_the_newest_intact_one_used(
     cfg = two_epoch_run(finished_run, copy_run, digits_data_dir)
     workdir = Path(cfg.workdir)
     steps = RunDir(workdir).checkpoint_steps()
-    assert steps == [11, 22]
-    latest = workdir / "checkpoints" / "22"
+    assert steps == [10, 20]
+    latest = workdir / "checkpoints" / "20"
     assert (latest / CHECKSUMS).is_file()
     biggest = max((p for p in latest.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
     data = bytearray(biggest.read_bytes())
@@ -312,11 +313,11 @@ def test_a_damaged_checkpoint_is_set_aside_and_the_newest_intact_one_used(
     lines: list[str] = []
     train(TrainConfig(**{**cfg.__dict__, "epochs": 3}), out=lines.append)
     note = next(line for line in lines if "is damaged" in line)
-    assert note.startswith("checkpoint 22 is damaged (") and biggest.name in note
-    assert "resuming     from step 11" in "\n".join(lines)
+    assert note.startswith("checkpoint 20 is damaged (") and biggest.name in note
+    assert "resuming     from step 10" in "\n".join(lines)
     kept = list((workdir / "checkpoints-damaged").iterdir())
-    assert len(kept) == 1 and kept[0].name.startswith("22-")  # kept aside, not deleted
-    assert RunDir(workdir).checkpoint_steps()[-1] == 33
+    assert len(kept) == 1 and kept[0].name.startswith("20-")  # kept aside, not deleted
+    assert RunDir(workdir).checkpoint_steps()[-1] == 30
 
 
 @pytest.mark.slow
@@ -369,7 +370,7 @@ def test_a_failed_write_ends_in_one_line_and_leaves_the_previous_checkpoint_usab
     with pytest.raises(TrainingError) as error:
         train(cfg, out=quiet)
     message = str(error.value)
-    assert "\n" not in message and "No space left on device" in message and "step 22" in message
+    assert "\n" not in message and "No space left on device" in message and "step 20" in message
     monkeypatch.setattr(ocp.CheckpointManager, "save", real_save)
     lines: list[str] = []
     train(cfg, out=lines.append)  # resumes from the intact checkpoint at step 11
@@ -497,12 +498,12 @@ def test_runs_record_their_augmentation_and_older_runs_keep_their_data_sets_own(
 def test_nothing_is_moved_when_no_checkpoint_restores(digits_data_dir, finished_run, copy_run):
     cfg = two_epoch_run(finished_run, copy_run, digits_data_dir)
     workdir = Path(cfg.workdir)
-    for step in (11, 22):
+    for step in (10, 20):
         sums = workdir / "checkpoints" / str(step) / CHECKSUMS
         sums.write_text(sums.read_text().replace('"', "'"))  # unreadable: damaged
-    with pytest.raises(TrainingError, match=r"no checkpoint .* can be restored .*11: its"):
+    with pytest.raises(TrainingError, match=r"no checkpoint .* can be restored .*10: its"):
         train(TrainConfig(**{**cfg.__dict__, "epochs": 3}), out=quiet)
-    assert RunDir(workdir).checkpoint_steps() == [11, 22]
+    assert RunDir(workdir).checkpoint_steps() == [10, 20]
     assert not (workdir / "checkpoints-damaged").exists()
 
 

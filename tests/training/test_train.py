@@ -112,8 +112,9 @@ def named_leaves(tree) -> dict[str, np.ndarray]:
     }
 
 
-# One step agrees to ~1e-7 (test_steps.py); an epoch of 22 steps amplifies the differences
-# of the sums' order. Measured on a 2-core Xeon (2026-12-07), 1 device against 4: losses
+# One step agrees to ~1e-7 (test_steps.py); an epoch of 20 steps amplifies the differences
+# of the sums' order. Measured on a 2-core Xeon (2026-12-07; an epoch of 22 steps, before
+# 144 training images became the validation split), 1 device against 4: losses
 # 8.4e-8 relative, parameters 1.2e-7 and BatchNorm statistics 7.2e-7 absolute. With
 # resnet20 (until 2026-12-07) the same epoch differed by 1.4e-5 (the test loss, jax 0.12.1),
 # 2.2e-5 and 4.9e-4: the tolerances below hold for it too, and leave room for other CPUs'
@@ -140,8 +141,8 @@ def test_one_device_four_devices_pmap_and_shard_map_agree(digits_data_dir, tmp_p
     train_cli.main([*args, *data, "--workdir", str(tmp_path / "smap"), "--parallel", "shard_map"])
     out, err = one.communicate(timeout=300)
     assert one.returncode == 0, err[-3000:]
-    assert [r["split"] for r in records(tmp_path / "one")] == ["train", "test"]
-    counts = {"train": 22 * 64, "test": 360}
+    assert [r["split"] for r in records(tmp_path / "one")] == ["train", "val", "test"]
+    counts = {"train": 20 * 64, "val": 144, "test": 360}
     assert_same_training(tmp_path / "one", tmp_path / "four", counts)
     assert_same_training(tmp_path / "four", tmp_path / "smap", counts)
     assert out.strip().splitlines()[-1].startswith("test accuracy: ")
@@ -186,7 +187,7 @@ def wait_for_checkpoint(workdir: Path, proc: subprocess.Popen, min_step: int) ->
     raise AssertionError("no checkpoint appeared in time")
 
 
-# 22 steps an epoch: a checkpoint every 7 steps, and so a kill, falls in the middle of one.
+# 20 steps an epoch: a checkpoint every 7 steps, and so a kill, falls in the middle of one.
 # BatchNorm statistics, dropout's random stream and the data order all carry across it.
 RESUMABLE = [
     *BASE, *SMALL_BN_NET, "--dropout", "0.1",
@@ -318,6 +319,8 @@ BAD_INPUT = [
     (["--arch", "lenet5", "--lr", "-1"], "--lr must be positive"),
     (["--arch", "lenet5", "--batch-size", "30"], "does not divide evenly over 4 devices"),
     (["--arch", "lenet5", "--label-smoothing", "1.5"], "--label-smoothing"),
+    (["--arch", "lenet5", "--val-fraction", "1"], "--val-fraction must be in [0, 1), got 1.0"),
+    (["--arch", "lenet5", "--val-fraction", "nan"], "--val-fraction must be in [0, 1)"),
     (["--arch", "resnet20", "--dropout", "0.5"], "resnet20 has no dropout"),
     (["--arch", "lenet5", "--image-size", "8"], "at least 16x16"),
     (["--epochs", "2"], "--arch"),
