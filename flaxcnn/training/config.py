@@ -97,8 +97,8 @@ class TrainConfig:
         0.1,
         "share of the training split held out (the same images for every seed) to choose the "
         "best checkpoint on, where the data set has no validation split of its own (TFDS "
-        "validation beside test, a folder's val/); 0: none, the best is then chosen on the "
-        "test split",
+        "validation beside test, a folder's val/); 0: none, the best checkpoint is then the "
+        "latest (nothing is chosen on the test split)",
     )
     precise_bn: int = setting(
         4,

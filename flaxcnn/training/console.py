@@ -18,6 +18,12 @@ from flaxcnn.training.resolve import DEFAULT_BATCH_SIZE, Setup
 
 def header(setup: Setup, resumed_from: int | None) -> list[str]:
     c, info, net, opt = setup.config, setup.dataset.info, setup.network, setup.optimizer
+    best = {
+        "val_accuracy": "the best checkpoint is the one of the best validation accuracy",
+        "latest": "the best checkpoint is the latest (nothing is chosen on the test split)",
+        "test_accuracy": "the best checkpoint is the one of the best test accuracy, as this "
+        "run did before validation splits",
+    }[setup.best_by]
     devices, local = jax.device_count(), jax.local_device_count()
     kind = jax.devices()[0].platform
     stem = ", small-input stem" if net.options.get("small_stem") else ""
@@ -32,7 +38,7 @@ def header(setup: Setup, resumed_from: int | None) -> list[str]:
         f"{info.num_train} train / "
         + (f"{info.num_val} val / " if info.num_val else "")
         + f"{info.num_test} test images)",
-        f"  splits       {splits(info, c.val_fraction)}",
+        f"  splits       {splits(info, c.val_fraction)}: {best}",
         f"  parameters   {setup.params:,}",
         f"  devices      {devices} x {kind} ({jax.process_count()} process(es), {local} local)",
         f"  batch        {setup.batch_size} global, {setup.batch_size // devices} per device, "
@@ -62,17 +68,12 @@ def header(setup: Setup, resumed_from: int | None) -> list[str]:
 
 
 def splits(info: Any, val_fraction: float) -> str:
-    """Where the validation split comes from, and what chooses the best checkpoint."""
+    """Where the validation split comes from."""
     if info.val_source == "own":
-        held = f"{info.num_val} validation images (the data set's own split)"
-    elif info.num_val:
-        held = f"{info.num_val} validation images ({val_fraction:g} of the training split)"
-    else:
-        return (
-            "no validation split (--val-fraction 0): the best checkpoint is the one with the "
-            "best test accuracy"
-        )
-    return f"{held}: the best checkpoint is the one with the best validation accuracy"
+        return f"{info.num_val} validation images (the data set's own split)"
+    if info.num_val:
+        return f"{info.num_val} validation images ({val_fraction:g} of the training split)"
+    return "no validation split (--val-fraction 0)"
 
 
 def augmentation(augment: str, image_size: int) -> str:

@@ -119,6 +119,17 @@ def train(
             return trainer.fit()
 
 
+def checkpoint_metrics(best_by: str, results: dict[str, dict[str, float]]) -> dict | None:
+    """What a checkpoint records to be ranked by (`checkpoint.selection_metric`): validation
+    and test accuracy; test accuracy alone for a run from before validation splits; nothing
+    without a validation split (the latest is then the best)."""
+    if best_by == "val_accuracy":
+        return {VAL_METRIC: results["val"]["accuracy"], TEST_METRIC: results["test"]["accuracy"]}
+    if best_by == "test_accuracy":
+        return {TEST_METRIC: results["test"]["accuracy"]}
+    return None
+
+
 def build_optimizer(setup: Setup, trainable: Any = None):
     """(optax transformation, learning-rate schedule) for the run; with a --freeze-backbone
     mask, only the trainable parameters are updated."""
@@ -406,9 +417,7 @@ class Trainer:
             results = self.evaluate()
             for split, values in results.items():
                 self.log({"split": split, "epoch": epoch, "step": self.step, **values})
-            metrics = {TEST_METRIC: results["test"]["accuracy"]}
-            if "val" in results:  # then the best checkpoint is chosen by it
-                metrics[VAL_METRIC] = results["val"]["accuracy"]
+            metrics = checkpoint_metrics(setup.best_by, results)
         test = results.get("test")
         self.out(console.epoch_line(setup, record, test, results.get("val")))
         stopping = self.stop.due(sync_point=True)

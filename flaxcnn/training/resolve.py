@@ -98,6 +98,7 @@ class Setup:
     batch_size_chosen: bool  # True when the batch was chosen for the data, not given
     plan: EpochPlan
     optimizer: optim.OptimizerSettings
+    best_by: str  # what chooses the best checkpoint: one of BEST_BY
 
     @property
     def steps_per_epoch(self) -> int:
@@ -274,6 +275,7 @@ def prepare(config: TrainConfig, stored: dict[str, Any] | None = None) -> Setup:
         batch_size=batch_size,
         batch_size_chosen=config.batch_size is None,
         plan=plan,
+        best_by=choose_best_by(dataset.info, stored),
         optimizer=optim.OptimizerSettings.from_config(
             config,
             batch_size=batch_size,
@@ -283,11 +285,18 @@ def prepare(config: TrainConfig, stored: dict[str, Any] | None = None) -> Setup:
     )
 
 
-def best_by(info: data.DatasetInfo) -> str:
-    """The metric that chooses a run's best checkpoint: validation accuracy where the run
-    has a validation split, else (--val-fraction 0, runs from before validation splits)
-    test accuracy."""
-    return "val_accuracy" if info.num_val else "test_accuracy"
+# What chooses a run's best checkpoint (config.json's "best_checkpoint_by").
+BEST_BY = ("val_accuracy", "latest", "test_accuracy")
+
+
+def choose_best_by(info: data.DatasetInfo, stored: dict[str, Any] | None) -> str:
+    """Validation accuracy where the run has a validation split; else (--val-fraction 0)
+    nothing: the best checkpoint is the latest, so that the test split chooses nothing. A
+    run from before validation splits (its config.json does not say) chose on test
+    accuracy and goes on doing so."""
+    if stored is not None and "best_checkpoint_by" not in stored:
+        return "test_accuracy"
+    return "val_accuracy" if info.num_val else "latest"
 
 
 def resolved_config(setup: Setup, previous: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -320,7 +329,7 @@ def resolved_config(setup: Setup, previous: dict[str, Any] | None = None) -> dic
         "checkpoint_every_steps": setup.checkpoint_every,
         "total_steps": setup.total_steps,
         "data": resume.data_signature(setup.dataset.info),
-        "best_checkpoint_by": best_by(setup.dataset.info),
+        "best_checkpoint_by": setup.best_by,
         "devices": jax.device_count(),
         "processes": jax.process_count(),
         "jax_version": jax.__version__,

@@ -131,8 +131,10 @@ class RunDir:
                 best, metrics = ckpts.best_step(), ckpts.metrics(step) or {}
             finally:
                 ckpts.close()
+        if best is None and step == max(self.checkpoint_steps()):
+            return "the latest: the run has no validation split to choose one by"
         if best != step:
-            return "the latest: no checkpoint of the run recorded an evaluation"
+            return "not the best; chosen with --step"
         if VAL_METRIC in metrics:
             return f"the best validation accuracy of the run ({metrics[VAL_METRIC]:.4f})"
         return (

@@ -46,21 +46,33 @@ def test_checkpoints_rank_by_validation_accuracy_and_by_test_only_without_it(tmp
 
 
 @pytest.mark.slow
-def test_a_run_from_before_validation_splits_resumes_as_it_was(digits_data_dir, tmp_path):
-    """Its config.json has no val_fraction and its data no validation figures: it goes on
-    with every training image and chooses on the test split, as it did."""
+def test_without_validation_nothing_chooses_and_older_runs_resume_as_they_were(
+    digits_data_dir, tmp_path
+):
+    """--val-fraction 0: every training image is trained on and the best checkpoint is the
+    latest (the test split chooses nothing). A run from before validation splits (its
+    config.json without val_fraction, its data without validation figures) goes on as it
+    did: every training image, the best checkpoint chosen on test accuracy."""
     workdir = tmp_path / "old"
     common = dict(arch="lenet5", data_dir=str(digits_data_dir), workdir=str(workdir))
-    train(TrainConfig(**common, epochs=1, val_fraction=0.0, progress=False), out=lambda s: None)
+    lines: list[str] = []
+    train(TrainConfig(**common, epochs=1, val_fraction=0.0, progress=False), out=lines.append)
+    assert "the best checkpoint is the latest (nothing is chosen on the test split)" in (
+        "\n".join(lines)
+    )
     config_path = workdir / "config.json"
     stored = json.loads(config_path.read_text())
+    assert stored["best_checkpoint_by"] == "latest" and stored["data"]["num_train"] == 1437
+    assert RunDir(workdir).why_checkpoint(11) == (
+        "the latest: the run has no validation split to choose one by"
+    )
     for key in ("val_fraction", "best_checkpoint_by", "epoch_plan"):
         del stored[key]
     for key in ("num_val", "val_source"):
         del stored["data"][key]
     config_path.write_text(json.dumps(stored))
 
-    lines: list[str] = []
+    lines.clear()
     train(TrainConfig(workdir=str(workdir), epochs=2), out=lines.append)
     assert "resuming     from step 11" in "\n".join(lines)  # 1,437 // 128: no images held out
     assert any("no validation split (--val-fraction 0)" in line for line in lines)
