@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from matplotlib.figure import Figure
 
 from flaxcnn import cli
 from flaxcnn.plot import PathLike, check_output, new_figure, save_png
@@ -193,10 +194,17 @@ def evaluate_workdir(
 
 
 def plot_confusion(result: dict[str, Any], output: PathLike) -> Path:
-    """The confusion matrix as a PNG: cells coloured by the row's share, labelled by count.
+    """The confusion matrix (`confusion_figure`) as a PNG."""
+    return save_png(confusion_figure(result), output)
+
+
+def confusion_figure(result: dict[str, Any]) -> Figure:
+    """The confusion matrix: cells coloured by the row's share, labelled by count.
 
     Colouring by row (the fraction of a true class predicted as each class) keeps rare
     classes as readable as common ones; counts are written in the cells while they fit.
+    `result` needs `confusion_matrix`, `class_names`, `arch`, `dataset`, `step`, `top1`
+    and `top5`, as `evaluate_workdir` returns them.
     """
     confusion = result["confusion_matrix"]
     n = len(confusion)
@@ -224,7 +232,7 @@ def plot_confusion(result: dict[str, Any], output: PathLike) -> Path:
         + (f", top-5 {result['top5']:.4f}" if result["top5"] is not None else ""),
         fontsize="medium",
     )
-    return save_png(figure, output)
+    return figure
 
 
 def report(result: dict[str, Any]) -> list[str]:
