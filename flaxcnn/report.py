@@ -236,11 +236,17 @@ def analyse_images(
     target: Layer,
     top: int = TOP,
 ) -> dict[str, Any]:
-    """`make_analyse` run once on `images`, as host arrays."""
+    """`make_analyse` run once on `images`, as host arrays; compiled as the trainer compiles
+    its one-shot programs (`xla_flags.compile_once_options`: faster to compile on a CPU)."""
     import jax
 
+    from flaxcnn import xla_flags
+
     top = min(top, _num_classes(model, variables, images))
-    out = make_analyse(model, layers, target, top)(variables, np.asarray(images, np.float32))
+    images = np.asarray(images, np.float32)
+    options = xla_flags.compile_once_options(jax.default_backend())
+    analyse = make_analyse(model, layers, target, top).lower(variables, images)
+    out = analyse.compile(compiler_options=options)(variables, images)
     return jax.tree.map(np.asarray, out)
 
 
