@@ -788,7 +788,9 @@ def build_report(
         captions = [Path(name).name for name, _ in pixels]
     else:
         preprocessing = meta.get("preprocessing")
-        inputs, truth = first_test_images(dataset, meta, max_images)
+        inputs, truth = first_test_images(
+            dataset, meta["image_size"], meta["in_channels"], max_images
+        )
         captions = [f"test image {i + 1} ({labels[t]})" for i, t in enumerate(truth)]
 
     page = Page(f"What {meta['arch']} sees: {run.path.resolve().name}")
@@ -815,22 +817,22 @@ def build_report(
     return page.write(out)
 
 
-def first_test_images(dataset, meta: dict, count: int) -> tuple[np.ndarray, np.ndarray]:
-    """The first `count` test images as the network sees them, and their labels."""
+def first_test_images(
+    dataset, image_size: int, channels: int, count: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """The first `count` test images, preprocessed and normalised exactly as in evaluation,
+    and their labels."""
     from flaxcnn import data
 
-    batch = next(
-        iter(
-            data.eval_batches(
-                dataset,
-                global_batch_size=count,
-                image_size=meta["image_size"],
-                channels=meta["in_channels"],
-                process_index=0,
-                process_count=1,
-            )
-        )
+    batches = data.eval_batches(
+        dataset,
+        global_batch_size=count,
+        image_size=image_size,
+        channels=channels,
+        process_index=0,
+        process_count=1,
     )
+    batch = next(iter(batches))
     mask = np.asarray(batch["mask"], bool)
     return np.asarray(batch["image"])[mask], np.asarray(batch["label"])[mask]
 

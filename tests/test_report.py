@@ -181,7 +181,7 @@ def test_feature_maps_have_the_layers_shapes_in_float32_and_bfloat16(finished_ru
     meta, variables, model = restored(finished_run)
     assert RunDir(finished_run).read_config()["devices"] > 1  # trained data-parallel
     dataset = evaluate.load_test_split(meta, RunDir(finished_run).read_config()["data_dir"])
-    images, _ = report.first_test_images(dataset, meta, 3)
+    images, _ = report.first_test_images(dataset, 32, 1, 3)
     found = report.anatomy(model, (1, 32, 32, 1))
     out = {}
     for dtype in ("float32", "bfloat16"):
@@ -217,7 +217,7 @@ def test_test_split_matches_evaluate_and_the_gallery_is_the_most_confident_mista
     assert set(idx) <= set(wrong)
     assert list(confidence[idx]) == sorted(confidence[idx], reverse=True)
     assert confidence[idx].min() >= np.sort(confidence[wrong])[::-1][len(idx) - 1]
-    everything, labels = report.first_test_images(dataset, meta, 360)
+    everything, labels = report.first_test_images(dataset, 32, 1, 360)
     np.testing.assert_array_equal(labels, test["label"])
     np.testing.assert_array_equal(test["wrong_images"], everything[idx])
 
