@@ -262,10 +262,14 @@ def _num_classes(model, variables, images) -> int:
 
 def filters(variables: dict, first_conv: str) -> np.ndarray:
     """The first convolution's kernel as [filters, kh, kw, in_channels] float32."""
+    return np.asarray(_kernel(variables, first_conv), np.float32).transpose(3, 0, 1, 2)
+
+
+def _kernel(variables: dict, path: str):
     node = variables["params"]
-    for key in first_conv.split("/"):
+    for key in path.split("/"):
         node = node[key]
-    return np.asarray(node["kernel"], np.float32).transpose(3, 0, 1, 2)
+    return node["kernel"]
 
 
 def filter_measures(kernels: np.ndarray, initial: np.ndarray | None = None) -> dict[str, float]:
@@ -291,9 +295,10 @@ def cosine_stats(flat: np.ndarray) -> dict[str, float]:
     return {"mean_abs_cosine": float(cos.mean()), "max_abs_cosine": float(cos.max())}
 
 
-def initial_variables(model, input_shape: Sequence[int], seed: int) -> dict:
-    """The parameters the trainer starts a run of `seed` from (`training.state.create_state`'s
-    draw), compiled once."""
+def initial_filters(model, input_shape: Sequence[int], seed: int, first_conv: str) -> np.ndarray:
+    """The first convolution's kernel as the trainer draws it for a run of `seed`
+    (`training.state.create_state`'s key), as `filters` returns it. Only that leaf leaves
+    the compiled initialiser, so XLA drops the rest of it."""
     import jax
     import jax.numpy as jnp
 
@@ -301,7 +306,10 @@ def initial_variables(model, input_shape: Sequence[int], seed: int) -> dict:
 
     init_key, _ = jax.random.split(jax.random.key(seed))
     keys = {"params": init_key, "dropout": init_key}
-    return compile_once(lambda: model.init(keys, jnp.zeros(input_shape), train=False))()
+    kernel = compile_once(
+        lambda: _kernel(model.init(keys, jnp.zeros(input_shape), train=False), first_conv)
+    )()
+    return np.asarray(kernel, np.float32).transpose(3, 0, 1, 2)
 
 
 # ------------------------------------------------------------------------------- test split
@@ -515,29 +523,49 @@ def most_varied(maps: np.ndarray, n: int = MAX_CHANNELS) -> np.ndarray:
     return np.argsort(-maps.std(axis=(0, 1)), kind="stable")[:n]
 
 
+def mosaic(maps: np.ndarray, channels: Sequence[int]) -> np.ndarray:
+    """The `channels` of one [H, W, C] map side by side, each scaled to 0..1 over its own
+    range, separated by a column of NaN (drawn blank): one picture a layer, which draws
+    many times faster than a subplot a channel."""
+    height = maps.shape[0]
+    tiles = []
+    for channel in channels:
+        m = maps[..., channel].astype(np.float32)
+        span = float(m.max() - m.min())
+        tiles += [
+            (m - m.min()) / span if span > 0 else np.zeros_like(m),
+            np.full((height, 1), np.nan),
+        ]
+    return np.concatenate(tiles[:-1], axis=1)
+
+
 def feature_maps_figure(picture: np.ndarray, maps: dict[str, np.ndarray], title: str = ""):
-    """One image and, a row per layer, its most varied channels (each scaled to its own range)."""
-    rows = len(maps)
-    cols = MAX_CHANNELS + 1
-    figure = plot.new_figure(0.9 * cols, 1.05 * rows + 0.5)
-    axes = np.atleast_2d(figure.subplots(rows, cols))
-    for ax in axes.ravel():
-        ax.axis("off")
-    _show(axes[0, 0], picture, "input")
-    axes[0, 0].axis("on")
+    """One image and, a row per layer, its most varied channels (each scaled to its own
+    range), labelled with their channel numbers."""
+    from matplotlib import colormaps
+
+    cmap = colormaps["magma"].with_extremes(bad="white")
+    figure = plot.new_figure(13, 1.0 * len(maps) + 0.9)
+    grid = figure.add_gridspec(len(maps), 2, width_ratios=[1, MAX_CHANNELS])
+    _show(figure.add_subplot(grid[:, 0]), picture, "input")
     for r, (name, m) in enumerate(maps.items()):
-        axes[r, 1].text(
-            -0.1,
-            0.5,
-            f"{name}\n{m.shape[0]}x{m.shape[1]}x{m.shape[2]}",
-            transform=axes[r, 1].transAxes,
+        channels = most_varied(m)
+        ax = figure.add_subplot(grid[r, 1])
+        ax.imshow(mosaic(m, channels), cmap=cmap, vmin=0, vmax=1, aspect="equal")
+        ax.set_xticks(
+            (np.arange(len(channels)) + 0.5) * (m.shape[1] + 1) - 1,
+            [f"#{c}" for c in channels],
+            fontsize=6,
+        )
+        ax.set_yticks([])
+        ax.tick_params(length=0)
+        ax.set_ylabel(
+            f"{name}\n{'x'.join(map(str, m.shape))}",
+            fontsize=7,
+            rotation=0,
             ha="right",
             va="center",
-            fontsize=7,
         )
-        for c, channel in enumerate(most_varied(m)):
-            ax = axes[r, c + 1]
-            _show(ax, m[..., channel], f"#{channel}", cmap="magma")
     if title:
         figure.suptitle(title, fontsize=9)
     return figure
@@ -938,8 +966,8 @@ def write_filters(page: Page, model, variables, meta, config, found: Anatomy, in
     kernels = filters(variables, found.first_conv)
     seed = config.get("seed")
     trained_here = seed is not None and not config.get("init_from")
-    initial = initial_variables(model, input_shape, seed if trained_here else 0)
-    measures = filter_measures(kernels, filters(initial, found.first_conv))
+    initial = initial_filters(model, input_shape, seed if trained_here else 0, found.first_conv)
+    measures = filter_measures(kernels, initial)
     start = (
         f"its initialisation (seed {seed}, as the trainer draws it)"
         if trained_here

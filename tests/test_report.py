@@ -192,11 +192,19 @@ def test_feature_maps_have_the_layers_shapes_in_float32_and_bfloat16(finished_ru
             assert out[dtype]["maps"][stage.name].dtype == np.float32
         assert np.isfinite(out[dtype]["cam"]).all() and np.isfinite(out[dtype]["saliency"]).all()
     np.testing.assert_allclose(out["bfloat16"]["probs"], out["float32"]["probs"], atol=0.03)
-    # The grid: a row per layer, its most varied channels, each the layer's spatial shape.
+    # The grid: a row per layer, its most varied channels side by side, each the layer's
+    # spatial shape, scaled to its own range.
     maps = {s.name: out["float32"]["maps"][s.name][0] for s in found.stages}
     figure = report.feature_maps_figure(images[0, ..., 0], maps)
-    pictures = [ax.images[0].get_array().shape for ax in figure.axes if ax.images]
-    assert pictures == [(32, 32)] + [(28, 28)] * 6 + [(10, 10)] * 16
+    pictures = [np.ma.filled(ax.images[0].get_array(), np.nan) for ax in figure.axes]
+    assert [p.shape for p in pictures] == [(32, 32), (28, 6 * 29 - 1), (10, 16 * 11 - 1)]
+    c3 = maps["c3"]
+    order = report.most_varied(c3)
+    assert sorted(order) == list(range(16)) and c3[..., order[0]].std() >= c3[..., order[-1]].std()
+    second = pictures[2][:, 11:21]  # the second tile: the second most varied channel
+    channel = c3[..., order[1]]
+    np.testing.assert_allclose(second, (channel - channel.min()) / np.ptp(channel), atol=1e-6)
+    assert np.isnan(pictures[2][:, 10]).all()  # a blank column between tiles
 
 
 def test_test_split_matches_evaluate_and_the_gallery_is_the_most_confident_mistakes(
