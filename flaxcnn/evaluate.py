@@ -79,11 +79,12 @@ def load_test_split(meta: dict, data_dir: PathLike | None, skip_corrupt: bool = 
     return dataset
 
 
-def make_classify(model, variables: dict):
+def make_classify(model, variables: dict, top: int = 0):
     """A jitted batch -> per-example metrics (`correct`, `loss`, and `correct_top5` with more
     than 5 classes) and the top-1 prediction: the trainer's own evaluation
-    (`flaxcnn.training.evaluation`), kept per example. The variables are placed on the device
-    once, not with every batch."""
+    (`flaxcnn.training.evaluation`), kept per example; with `top`, also each example's `top`
+    most probable classes and their probabilities (`top_classes`, `top_probs`). The
+    variables are placed on the device once, not with every batch."""
     import jax
     import jax.numpy as jnp
 
@@ -94,7 +95,11 @@ def make_classify(model, variables: dict):
     @jax.jit
     def classify(variables, images, labels):
         logits = evaluation.logits(model.apply, variables, images)
-        return {**evaluation.example_metrics(logits, labels), "pred": jnp.argmax(logits, -1)}
+        out = {**evaluation.example_metrics(logits, labels), "pred": jnp.argmax(logits, -1)}
+        if top:
+            probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+            out["top_probs"], out["top_classes"] = jax.lax.top_k(probs, top)
+        return out
 
     return lambda images, labels: classify(variables, images, labels)
 

@@ -329,32 +329,17 @@ def classify_test_split(
     examples' images (`wrong_images`, `wrong_index`), kept batch by batch so that the split
     never has to fit in memory."""
     import jax
-    import jax.numpy as jnp
 
     from flaxcnn import data
-    from flaxcnn.training import evaluation
 
-    top = min(top, meta["num_classes"])
-    device_variables = jax.device_put(variables)
-
-    @jax.jit
-    def classify(variables, images, labels):
-        logits = evaluation.logits(model.apply, variables, images).astype(jnp.float32)
-        probs, classes = jax.lax.top_k(jax.nn.softmax(logits, -1), top)
-        return {
-            **evaluation.example_metrics(logits, labels),
-            "pred": classes[:, 0],
-            "top_classes": classes,
-            "top_probs": probs,
-        }
-
+    classify = evaluate.make_classify(model, variables, top=min(top, meta["num_classes"]))
     kept: list[tuple[float, int, np.ndarray]] = []  # (confidence, index, image)
     masks: list[np.ndarray] = []  # of the batches read so far (the padding is masked out)
     seen = 0
 
     def run(images, labels):
         nonlocal seen
-        out = jax.tree.map(np.asarray, classify(device_variables, images, labels))
+        out = jax.tree.map(np.asarray, classify(images, labels))
         real = masks[-1]
         index = seen + np.cumsum(real) - 1
         for i in np.flatnonzero(real & (out["pred"] != np.asarray(labels))):
