@@ -564,7 +564,11 @@ def contrast_figure(names: Sequence[str], contrast: np.ndarray, labels: Sequence
         ax.plot(range(len(names)), contrast[i], marker="o", label=label)
     ax.set_xticks(range(len(names)), names, rotation=45, ha="right", fontsize=7)
     if np.all(contrast > 0):
+        from matplotlib import ticker
+
         ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.yaxis.set_minor_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
     ax.set(ylabel="spatial contrast / input's", title="contrast stage by stage")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=7)
