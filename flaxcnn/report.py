@@ -731,7 +731,7 @@ def run_rows(
     if run.config_path.is_file() and run.metrics_path.is_file():
         seconds = run.metrics_path.stat().st_mtime - run.config_path.stat().st_mtime
         rows.append(("wall time", f"{seconds:.0f} s (config.json written to last metrics line)"))
-    for split in dict.fromkeys(r.get("split") for r in records if r.get("split") != "train"):
+    for split in dict.fromkeys(r["split"] for r in records if "split" in r):
         epochs, accs = plot.curve(records, split, "accuracy")
         if epochs:
             best = int(np.argmax(accs))
