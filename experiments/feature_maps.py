@@ -38,7 +38,7 @@ from typing import Any
 import harness
 import numpy as np
 
-from flaxcnn import cli
+from flaxcnn import cli, report
 
 FILTER_ARCH = "lenet5"  # 5x5 first-layer filters: large enough to see what they detect
 FIRST_CONV, SECOND_CONV = "c1", "c3"  # LeNet-5's two convolutional layers
@@ -88,23 +88,6 @@ def load_dataset(name: str, data_dir: str | None):
         return data.load(name, data_dir=data_dir)
     except ValueError as e:  # DatasetNotPrepared too: one line, exit 2
         raise cli.UsageError(str(e)) from None
-
-
-def real_batch(
-    dataset, image_size: int, channels: int, batch: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """The first `batch` test images, preprocessed and normalised exactly as in evaluation."""
-    from flaxcnn import data
-
-    first = next(
-        iter(
-            data.eval_batches(
-                dataset, global_batch_size=batch, image_size=image_size, channels=channels
-            )
-        )
-    )
-    mask = np.asarray(first["mask"], bool)
-    return np.asarray(first["image"])[mask], np.asarray(first["label"])[mask]
 
 
 def train_and_restore(
@@ -232,19 +215,16 @@ def map_correlations(maps: np.ndarray) -> np.ndarray:
 
 
 def lenet_apply(model) -> Callable:
-    """A jitted (variables, images) -> (output of C1, output of C3), each after its ReLU."""
+    """A jitted (variables, images) -> (output of C1, output of C3), each after its ReLU,
+    taken as the report takes feature maps (`flaxcnn.report.tap`)."""
     import jax
 
-    def wanted(module, method: str) -> bool:
-        return method == "__call__" and module.name in (FIRST_CONV, SECOND_CONV)
+    forward = report.tap(model, [FIRST_CONV, SECOND_CONV])
 
     @jax.jit
     def apply(variables, images):
-        _, state = model.apply(
-            variables, images, train=False, capture_intermediates=wanted, mutable=["intermediates"]
-        )
-        inter = state["intermediates"]
-        return inter[FIRST_CONV]["__call__"][0], inter[SECOND_CONV]["__call__"][0]
+        maps = forward(variables, images)[1]
+        return maps[FIRST_CONV], maps[SECOND_CONV]
 
     return apply
 
@@ -260,7 +240,9 @@ def measure_filters(run: harness.Run, settings: Settings) -> dict[str, Any]:
     from flaxcnn import models
 
     channels = models.get_spec(FILTER_ARCH).in_channels
-    test_images, test_labels = real_batch(dataset, size, channels, dataset.info.num_test)
+    test_images, test_labels = report.first_test_images(
+        dataset, size, channels, dataset.info.num_test
+    )
     lo, hi = float(test_images.min()), float(test_images.max())
     probes = edge_probes(size, lo, hi)
     flats = np.stack([np.full((size, size, 1), lo), np.full((size, size, 1), hi)])
@@ -286,14 +268,14 @@ def measure_filters(run: harness.Run, settings: Settings) -> dict[str, Any]:
         }
         if label == "trained":
             c1, c3 = maps[:1], c3_maps[cut[1] : cut[1] + 1]
-    kernel = np.asarray(variables["params"][FIRST_CONV]["conv"]["kernel"])  # [5, 5, in, out]
+    kernels = report.filters(variables, report.anatomy(model, (1, size, size, channels)).first_conv)
     result.update(
         arch=FILTER_ARCH,
         image_size=size,
         epochs=settings.filter_epochs,
         test_accuracy=float(metrics.get("accuracy", math.nan)),
         test_images=len(test_images),
-        filters=kernel[:, :, 0, :].transpose(2, 0, 1).tolist(),
+        filters=kernels[..., 0].tolist(),  # [filter, 5, 5]
         example={
             "label": int(test_labels[0]),
             "image": np.asarray(test_images[0, :, :, 0]).tolist(),
@@ -308,16 +290,21 @@ def measure_filters(run: harness.Run, settings: Settings) -> dict[str, Any]:
 # Part 2: contrast and gradient through plain and residual stacks.
 
 
+def pooled(statistic: Callable, a):
+    """A per-image statistic of `flaxcnn.report` over a whole batch [N, H, W, C]: the images
+    as the channels of one image."""
+    n, h, w, c = a.shape
+    return statistic(a.transpose(1, 2, 0, 3).reshape(1, h, w, n * c))[0]
+
+
 def spatial_contrast(a):
     """Std over spatial positions, averaged over images and channels ([N, H, W, C] -> scalar)."""
-    return a.std(axis=(1, 2)).mean()
+    return pooled(report.spatial_contrast, a)
 
 
 def spatial_share(a):
     """sqrt(spatial variance / mean square): 0 for a uniform map, whatever its scale."""
-    import jax.numpy as jnp
-
-    return jnp.sqrt(a.var(axis=(1, 2)).mean() / jnp.maximum(jnp.mean(a**2), 1e-30))
+    return pooled(report.spatial_share, a)
 
 
 def block_order(names: Sequence[str]) -> list[str]:
@@ -427,7 +414,7 @@ def measure_depth(run: harness.Run, settings: Settings) -> dict[str, Any]:
     """Every plain/residual net at init and (where set) after training."""
     dataset = load_dataset(settings.depth_dataset, run.data_dir)
     size, classes = settings.depth_image_size, dataset.info.num_classes
-    images, labels = real_batch(dataset, size, 3, settings.probe_batch)
+    images, labels = report.first_test_images(dataset, size, 3, settings.probe_batch)
     nets: dict[str, Any] = {}
     for depth in settings.depths:
         for family in FAMILIES:
@@ -512,33 +499,16 @@ def draw_filters(filters: dict) -> Any:
 
 
 def draw_maps(filters: dict) -> Any:
-    """One test digit, its six C1 feature maps and its sixteen C3 feature maps."""
+    """One test digit and its feature maps after C1 and C3 (all 6 and 16 channels), drawn
+    as the report draws feature maps."""
     ex = filters["example"]
-    c1, c3 = np.asarray(ex[FIRST_CONV]), np.asarray(ex[SECOND_CONV])
-    cols = 8
-    rows = 1 + math.ceil(len(c3) / cols)
-    figure = harness.new_figure(1.6 * cols, 1.8 * rows + 0.3)
-    grid = figure.add_gridspec(rows, cols)
-    ax = figure.add_subplot(grid[0, 0])
-    ax.imshow(np.asarray(ex["image"]), cmap="gray")
-    ax.set_title(f"input, 32x32 (a {ex['label']})", fontsize=8)
-    ax.axis("off")
-    for f, m in enumerate(c1):
-        ax = figure.add_subplot(grid[0, f + 1])
-        ax.imshow(m, cmap="magma", vmin=0)
-        ax.set_title(f"C1 map {f + 1}", fontsize=8)
-        ax.axis("off")
-    for f, m in enumerate(c3):
-        ax = figure.add_subplot(grid[1 + f // cols, f % cols])
-        ax.imshow(m, cmap="magma", vmin=0)
-        ax.set_title(f"C3 map {f + 1}", fontsize=8)
-        ax.axis("off")
-    figure.suptitle(
-        "What the first layers see: feature maps after C1 (5x5 conv + ReLU, 28x28) and "
-        "after C3 (10x10); bright = strong response",
-        fontsize=10,
+    maps = {name: np.asarray(ex[name]).transpose(1, 2, 0) for name in (FIRST_CONV, SECOND_CONV)}
+    return report.feature_maps_figure(
+        np.asarray(ex["image"]),
+        maps,
+        f"A test digit (a {ex['label']}) and its feature maps after C1 (5x5 conv + ReLU) and "
+        "after C3, most varied channels first; bright = strong response",
     )
-    return figure
 
 
 def line_style(family: str, depth: int, depths: Sequence[int]) -> dict[str, Any]:

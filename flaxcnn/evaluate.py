@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from matplotlib.figure import Figure
 
 from flaxcnn import cli
 from flaxcnn.plot import PathLike, check_output, new_figure, save_png
@@ -79,11 +80,12 @@ def load_test_split(meta: dict, data_dir: PathLike | None, skip_corrupt: bool = 
     return dataset
 
 
-def make_classify(model, variables: dict):
+def make_classify(model, variables: dict, top: int = 0):
     """A jitted batch -> per-example metrics (`correct`, `loss`, and `correct_top5` with more
     than 5 classes) and the top-1 prediction: the trainer's own evaluation
-    (`flaxcnn.training.evaluation`), kept per example. The variables are placed on the device
-    once, not with every batch."""
+    (`flaxcnn.training.evaluation`), kept per example; with `top`, also each example's `top`
+    most probable classes and their probabilities (`top_classes`, `top_probs`). The
+    variables are placed on the device once, not with every batch."""
     import jax
     import jax.numpy as jnp
 
@@ -94,7 +96,11 @@ def make_classify(model, variables: dict):
     @jax.jit
     def classify(variables, images, labels):
         logits = evaluation.logits(model.apply, variables, images)
-        return {**evaluation.example_metrics(logits, labels), "pred": jnp.argmax(logits, -1)}
+        out = {**evaluation.example_metrics(logits, labels), "pred": jnp.argmax(logits, -1)}
+        if top:
+            probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+            out["top_probs"], out["top_classes"] = jax.lax.top_k(probs, top)
+        return out
 
     return lambda images, labels: classify(variables, images, labels)
 
@@ -198,10 +204,17 @@ def evaluate_workdir(
 
 
 def plot_confusion(result: dict[str, Any], output: PathLike) -> Path:
-    """The confusion matrix as a PNG: cells coloured by the row's share, labelled by count.
+    """The confusion matrix (`confusion_figure`) as a PNG."""
+    return save_png(confusion_figure(result), output)
+
+
+def confusion_figure(result: dict[str, Any]) -> Figure:
+    """The confusion matrix: cells coloured by the row's share, labelled by count.
 
     Colouring by row (the fraction of a true class predicted as each class) keeps rare
     classes as readable as common ones; counts are written in the cells while they fit.
+    `result` needs `confusion_matrix`, `class_names`, `arch`, `dataset`, `step`, `top1`
+    and `top5`, as `evaluate_workdir` returns them.
     """
     confusion = result["confusion_matrix"]
     n = len(confusion)
@@ -229,7 +242,7 @@ def plot_confusion(result: dict[str, Any], output: PathLike) -> Path:
         + (f", top-5 {result['top5']:.4f}" if result["top5"] is not None else ""),
         fontsize="medium",
     )
-    return save_png(figure, output)
+    return figure
 
 
 def report(result: dict[str, Any]) -> list[str]:

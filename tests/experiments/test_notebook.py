@@ -9,8 +9,10 @@ install cell -- devices, data, training, curves, evaluation -- runs as it does o
 from __future__ import annotations
 
 import ast
+import base64
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -70,6 +72,7 @@ print("REPORT " + json.dumps({
     "have_torch": HAVE_TORCH,
     "pretrained_top5": pretrained_top5,
     "finetune_accuracy": None if finetune_metrics is None else finetune_metrics["accuracy"],
+    "report_page": str(report_page),
 }))
 """
 
@@ -215,8 +218,22 @@ def test_notebook_runs_in_smoke_mode(tmp_path):
     for png in (work / "loss_accuracy.png", work / "confusion_matrix.png"):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     shown = [out for out in outputs if "image/png" in out.get("data", {})]
-    assert len(shown) == (3 if report["have_torch"] else 2)  # + the photo of section 7
+    # + two pictures of the report (section 7), + the photo of section 8 where torch is
+    assert len(shown) == (5 if report["have_torch"] else 4)
     assert (data_dir / "digits").is_dir()  # DATA_DIR was used, not the default
+
+    # Section 7: the report of this run, beside it, with its six sections; what the cell
+    # showed are two of its pictures, the feature maps and the Grad-CAM of a test image.
+    page = Path(report["report_page"])
+    assert page == work / "report" / "index.html"
+    html = page.read_text()
+    assert len(re.findall(r"<h2>\d\. ", html)) == 6
+    assert "simple_cnn" in html and "360 test images" in html
+    images = re.findall(r'<img src="([^"]+)"', html)
+    assert {"maps1.png", "decision1.png", "maps2.png", "confusion.png"} <= set(images)
+    assert all((page.parent / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for name in images)
+    report_shown = [base64.b64decode(out["data"]["image/png"]) for out in shown[2:4]]
+    assert report_shown == [(page.parent / n).read_bytes() for n in ("maps1.png", "decision1.png")]
 
     # Two epochs logged; the evaluation covered the whole digits test split with the best
     # checkpoint, the one of the highest validation accuracy, so its top-1 is the test
