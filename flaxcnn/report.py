@@ -691,8 +691,10 @@ def run_rows(
     params: int,
     macs: int,
     dataset_info,
+    why: str,
 ) -> list[tuple[str, str]]:
-    """Section 1's table: what the run is, as (what, value)."""
+    """Section 1's table: what the run is, as (what, value); `why` says why this checkpoint
+    (the best on validation accuracy, the latest, the one asked for)."""
     rows = [
         ("workdir", str(run.path)),
         ("architecture", f"{meta['arch']} ({meta.get('dtype', 'float32')} compute)"),
@@ -706,11 +708,15 @@ def run_rows(
         ("data set", f"{meta['dataset']}, {meta['num_classes']} classes"),
         (
             "checkpoint",
-            f"step {step} of {', '.join(map(str, run.checkpoint_steps()))} "
-            "(the best on the selection split, else the latest, unless --step)",
+            f"step {step} of {', '.join(map(str, run.checkpoint_steps()))}: {why}",
         ),
     ]
-    if dataset_info is not None:
+    stored = config.get("data") or {}
+    if stored.get("num_train"):  # as the run split them (its validation images held out)
+        counts = [(stored["num_train"], "train"), (stored.get("num_val"), "validation")]
+        counts.append((stored.get("num_test"), "test"))
+        rows.append(("splits", ", ".join(f"{n} {name}" for n, name in counts if n)))
+    elif dataset_info is not None:
         splits = [f"{dataset_info.num_train} train", f"{dataset_info.num_test} test"]
         rows.append(("splits", ", ".join(splits)))
     for key in (
@@ -774,6 +780,7 @@ def build_report(
     config = run.read_config()
     records = run.read_metrics() if run.metrics_path.is_file() else []
 
+    asked = step is not None
     step, meta, variables = run.restore_variables(step)
     model = evaluate.build_model(meta, variables)
     input_shape = (1, meta["image_size"], meta["image_size"], meta["in_channels"])
@@ -812,7 +819,7 @@ def build_report(
 
     page = Page(f"What {meta['arch']} sees: {run.path.resolve().name}")
     page.text(f"python -m flaxcnn.report --workdir {run.path}: checkpoint step {step}.")
-    write_run(page, run, model, meta, variables, step, config, records, dataset, input_shape)
+    write_run(page, run, model, meta, variables, step, asked, config, records, dataset, input_shape)
     write_curves(page, run, records)
     write_mistakes(
         page,
@@ -855,7 +862,7 @@ def first_test_images(
 
 
 def write_run(
-    page: Page, run, model, meta, variables, step, config, records, dataset, input_shape
+    page: Page, run, model, meta, variables, step, asked, config, records, dataset, input_shape
 ) -> None:
     from flaxcnn.models import summary
 
@@ -863,7 +870,9 @@ def write_run(
     macs = summary.total_macs(model, input_shape)
     info = dataset.info if dataset is not None else None
     page.heading("1. The run")
-    page.table(("", ""), run_rows(run, meta, step, config, records, params, macs, info))
+    why = "the one asked for (--step)" if asked else run.why_checkpoint(step)
+    rows = run_rows(run, meta, step, config, records, params, macs, info, why)
+    page.table(("", ""), rows)
 
 
 def write_curves(page: Page, run, records: list[dict]) -> None:

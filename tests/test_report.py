@@ -273,6 +273,9 @@ def test_page_has_the_six_sections_and_its_pictures(lenet_page):
     } <= set(sources)
     assert "three.png" in page and "Grad-CAM" in page
     assert not list(lenet_page.glob(".*"))  # no temporary file left
+    # Which checkpoint, and why; the splits as the run made them.
+    assert "the best validation accuracy of the run (" in page
+    assert "1293 train, 144 validation, 360 test" in page
 
 
 def run_main(argv, capsys) -> str:
