@@ -161,7 +161,7 @@ def test_same_seed_same_metrics_and_outputs(digits_data_dir, tmp_path):
     rows = records(tmp_path / "a", drop_timing=False)
     train_rows = [r for r in rows if r["split"] == "train"]
     assert all(r["images_per_sec"] > 0 and r["lr"] >= 0 for r in train_rows)
-    assert [r["epoch"] for r in rows] == [1, 1, 2, 2]
+    assert [r["epoch"] for r in rows] == [1, 1, 1, 2, 2, 2]  # train, val, test
     events = list((tmp_path / "a" / "tensorboard").glob("events.out.tfevents.*"))
     assert events and events[0].stat().st_size > 0
 
