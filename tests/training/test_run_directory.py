@@ -695,13 +695,13 @@ def test_a_run_keeps_the_best_checkpoint_and_the_last_two(tmp_path):
     """What resume needs (the newest, and one to fall back on if it is damaged) and what
     evaluate and --init-from read (the best): not every checkpoint (151 MB each for the
     main job's ResNet-34)."""
-    from flaxcnn.training.checkpoint import BEST_METRIC, Checkpoints
+    from flaxcnn.training.checkpoint import VAL_METRIC, Checkpoints
 
     ckpts = Checkpoints(tmp_path / "checkpoints", keep=TrainConfig().keep_checkpoints)
     try:
         for step, accuracy in [(1, 0.9), (2, 0.5), (3, 0.6), (4, 0.7)]:
             state = {"w": np.full((3,), step, np.float32)}
-            ckpts.save(step, state, {}, {}, {BEST_METRIC: accuracy})
+            ckpts.save(step, state, {}, {}, {VAL_METRIC: accuracy})
     finally:
         ckpts.close()
     assert checkpoint_steps(tmp_path / "checkpoints") == [1, 3, 4]
