@@ -127,7 +127,9 @@ def plan(
     try:  # abstract evaluation only: the models check their minimum input size here
         params = summary.count_params(model, network.input_shape())
         # What cannot fit is refused as the trainer refuses it, before any real work.
-        memory.check_fits(network, batch_size // devices, TrainConfig().optimizer, params)
+        memory.check_fits(
+            network, batch_size // devices, TrainConfig().optimizer, params, strategy=parallel
+        )
         macs = summary.total_macs(model, network.input_shape())
     except ValueError as e:
         raise cli.UsageError(str(e)) from None

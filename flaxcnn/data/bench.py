@@ -72,8 +72,8 @@ def check_batches_fit(batch_size: int, image_size: int, channels: int, workers: 
     if needed > limit:
         cli.fail(
             f"batches of {batch_size} at {image_size}x{image_size}x{channels} need about "
-            f"{format_bytes(needed)} read ahead, more than the {format_bytes(limit)} of this "
-            f"{device}: lower --image-size or --batch-size"
+            f"{format_bytes(needed)} read ahead, more than the {format_bytes(limit)} available "
+            f"to this {device}: lower --image-size or --batch-size"
         )
 
 

@@ -257,7 +257,9 @@ def prepare(config: TrainConfig, stored: dict[str, Any] | None = None) -> Setup:
         )
     # Refuse what cannot fit before anything is built (an --image-size of 100000 would
     # otherwise hang allocating a network of a trillion parameters).
-    memory.check_fits(network, batch_size // devices, config.optimizer, params=params)
+    memory.check_fits(
+        network, batch_size // devices, config.optimizer, params, strategy=config.parallel
+    )
     if jax.process_count() > 1 and config.workdir is None:
         raise UsageError("with several processes, give every process the same --workdir")
     steps_per_epoch = num_train // batch_size
