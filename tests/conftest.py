@@ -46,13 +46,6 @@ chex.set_n_cpu_devices(4)
 REFERENCE = pathlib.Path(__file__).parent / "reference" / "torchvision.json"
 
 
-def pytest_collection_modifyitems(config, items):
-    """The slow tests first (each group in its own order): xdist hands tests out in this
-    order, so the long ones start while there is still short work to fill the other
-    worker, instead of one long test ending the run with the other worker idle."""
-    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
-
-
 def pytest_sessionfinish(session):
     """The process that made the run's cache removes it."""
     if _OWNED:
