@@ -3,7 +3,7 @@
     python -m flaxcnn.bench_memory                            # the calibration set
     python -m flaxcnn.bench_memory --config vgg11:224:16 --config resnet18:128:64:bfloat16
 
-Each configuration (`ARCH:IMAGE_SIZE:BATCH[:DTYPE[:STRATEGY]]`, one device) runs in a
+Each configuration (`ARCH:IMAGE_SIZE:BATCH[:DTYPE[:STRATEGY]]`) runs on the CPU in a
 fresh Python process that does what the trainer does, on synthetic data: the train state
 from `training.build` with the trainer's default optimizer (SGD), the initial state kept
 while training as `training.loop` keeps it, the steps from `training.parallel.make`,
@@ -14,8 +14,9 @@ is the measured figure; it includes what XLA's compiler and runtime take, which 
 analysis of the compiled step (argument, output and temporary bytes, printed beside it)
 leaves out. The estimate is `training.memory.estimate`, as the trainer's check computes
 it. The constants of `training.memory` were fitted to this table; the README holds the
-last one measured. Peaks are memory, not time: other load on the machine does not change
-them, but they are the host's (the CPU backend); accelerators are not measured here.
+last one measured. Peaks are memory, not time, yet they move by tens of MiB between runs.
+Accelerators are not measured here. `--from-json` recomputes the estimates for peaks
+recorded with `--json`, measuring nothing (after a change of the constants).
 """
 
 from __future__ import annotations
@@ -254,7 +255,7 @@ def table(rows: list[dict[str, Any]]) -> list[str]:
         label = Config(r["arch"], r["image_size"], r["batch_size"], r["dtype"], r["strategy"])
         lines.append(
             f"| {label.label()} | {_mib(r['peak_bytes'])} | {_mib(r['estimate_bytes'])} "
-            f"| {r['ratio']:.2f} | {_mib(r['xla_step_bytes'])} "
+            f"| {r['ratio']:.2f} | {_mib(r.get('xla_step_bytes'))} "
             f"| {'yes' if label.text() in FITTED_CONFIGS else 'no'} |"
         )
     if rows:
@@ -266,6 +267,21 @@ def table(rows: list[dict[str, Any]]) -> list[str]:
             f"to {high['ratio']:.2f} ({high['arch']})"
         )
     return lines
+
+
+def _read_recorded(path: Path) -> tuple[list[str], list[tuple[Config, dict[str, Any]]]]:
+    """The header and the (configuration, measured figures) that `--json` wrote; raises
+    `cli.UsageError` for anything else."""
+    fields = [f.name for f in dataclasses.fields(Config)]
+    try:
+        recorded = json.loads(path.read_text())
+        lines = [str(line) for line in recorded["header"]]
+        rows = [(Config(*(r[f] for f in fields)), r) for r in recorded["rows"]]
+        for _, r in rows:
+            r["peak_bytes"], r["devices"] = int(r["peak_bytes"]), int(r["devices"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise cli.UsageError(f"--from-json {path}: not a file --json wrote ({e})") from None
+    return lines, rows
 
 
 def header() -> list[str]:
@@ -308,11 +324,26 @@ def main(argv: list[str] | None = None) -> None:
         "--steps", type=int, default=STEPS, help="train steps (default: %(default)s)"
     )
     parser.add_argument("--json", metavar="PATH", help="also write every figure to this file")
+    parser.add_argument(
+        "--from-json",
+        metavar="PATH",
+        help="measure nothing: the table again for the peaks in PATH (written by --json), "
+        "with the estimate as it is now (after changing its constants)",
+    )
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
         config = Config(**json.loads(args.child))
         print(json.dumps(measure(config, args.steps)))
+        return
+    if args.from_json:
+        try:
+            lines, recorded = _read_recorded(Path(args.from_json))
+            rows = [row(config, measured) for config, measured in recorded]
+        except cli.UsageError as e:
+            cli.fail(str(e))
+        for line in [*lines, "", *table(rows)]:
+            print(line)
         return
     try:
         if args.steps < 1:

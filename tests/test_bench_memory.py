@@ -54,6 +54,28 @@ def test_the_table_shows_each_ratio_and_the_extremes():
     assert lines[-1] == "estimate/measured from 0.50 (vgg11) to 3.00 (lenet5)"
 
 
+def test_recorded_peaks_are_estimated_again_without_measuring(tmp_path, capsys):
+    recorded = tmp_path / "memory.json"
+    measured = {**Config("lenet5", 32, 128).__dict__, "peak_bytes": 2**28, "devices": 1}
+    recorded.write_text(json.dumps({"header": ["measured then"], "rows": [measured]}))
+    bench_memory.main(["--from-json", str(recorded)])
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "measured then"
+    (line,) = [x for x in out if x.startswith("| lenet5 32px/128 | 256 |")]
+    estimate = float(line.split("|")[3].replace(",", ""))
+    assert line.split("|")[4].strip() == f"{estimate / 256:.2f}"
+
+
+def test_a_file_that_is_not_a_record_is_one_line_and_exit_2(tmp_path, capsys):
+    recorded = tmp_path / "memory.json"
+    recorded.write_text(json.dumps({"rows": [{"arch": "lenet5"}]}))
+    with pytest.raises(SystemExit) as info:
+        bench_memory.main(["--from-json", str(recorded)])
+    assert info.value.code == cli.EXIT_BAD_INPUT
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: --from-json {recorded}: not a file --json wrote")
+
+
 @pytest.mark.slow
 def test_a_measurement_runs_in_its_own_process(tmp_path):
     out = tmp_path / "memory.json"
