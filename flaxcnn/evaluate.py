@@ -163,7 +163,7 @@ def evaluate_workdir(
 
     asked = step is not None
     step, meta, variables = run.restore_variables(step)
-    why = "the one asked for (--step)" if asked else run.why_checkpoint(step)
+    why = run.why_checkpoint(step, asked)
     model = build_model(meta, variables)
     dataset = load_test_split(meta, data_dir, bool(config.get("skip_corrupt", False)))
     from flaxcnn import data

@@ -870,7 +870,7 @@ def write_run(
     macs = summary.total_macs(model, input_shape)
     info = dataset.info if dataset is not None else None
     page.heading("1. The run")
-    why = "the one asked for (--step)" if asked else run.why_checkpoint(step)
+    why = run.why_checkpoint(step, asked)
     rows = run_rows(run, meta, step, config, records, params, macs, info, why)
     page.table(("", ""), rows)
 

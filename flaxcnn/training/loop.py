@@ -356,11 +356,11 @@ class Trainer:
                 record = self.train_epoch(epoch)
                 test = self.end_epoch(record) or test
         best = self.ckpts.best_step()
-        if best is not None and VAL_METRIC in (self.ckpts.metrics(best) or {}):
+        recorded = (self.ckpts.metrics(best) or {}) if best is not None else {}
+        if VAL_METRIC in recorded:
             self.out(
                 f"best checkpoint: step {best}, validation accuracy "
-                f"{self.ckpts.metrics(best)[VAL_METRIC]:.4f} (what evaluate, predict and "
-                "--init-from use)"
+                f"{recorded[VAL_METRIC]:.4f} (what evaluate, predict and --init-from use)"
             )
         self.out(f"test accuracy: {test['accuracy']:.4f}")
         return test

@@ -121,10 +121,13 @@ class RunDir:
 
         return Checkpoints(self.checkpoints_path, keep=keep, read_only=read_only)
 
-    def why_checkpoint(self, step: int) -> str:
-        """Why the checkpoint at `step` is the one `restore_variables()` chose by default."""
+    def why_checkpoint(self, step: int, asked: bool = False) -> str:
+        """Why the checkpoint at `step` is the one used: asked for (--step), or the one
+        `restore_variables()` chose by default."""
         from flaxcnn.training.checkpoint import TEST_METRIC, VAL_METRIC
 
+        if asked:
+            return "the one asked for (--step)"
         with absl_errors_only():
             ckpts = self.checkpoints(read_only=True)
             try:
