@@ -2,22 +2,28 @@
 
 The speeds themselves are not asserted: they are what the benchmark is for. LeNet-5 at
 32x32 with a batch of 8 over the four test devices compiles in seconds. The PyTorch
-reference has its own tests (test_bench_torch.py), skipped where torch is missing.
+reference has its own tests (test_bench_torch.py), skipped where torch is missing. The
+package's modules import each other without a cycle (checked on their source).
 """
 
 from __future__ import annotations
 
+import ast
+import graphlib
 import json
 import math
+import re
 import statistics
 import subprocess
 import sys
 import tempfile
+from pathlib import Path
 
 import jax
 import pytest
 
 from flaxcnn import bench, cli
+from flaxcnn.bench import command, planning, timing
 
 LENET5_PARAMS = 61_706  # LeCun et al. 1998 with 10 outputs
 LENET5_MACS = 416_520  # 28*28*6*25 + 10*10*16*150 + 120*400 + 84*120 + 10*84
@@ -40,14 +46,14 @@ class NoTorch(importlib.abc.MetaPathFinder):
         if name.partition(".")[0] in ("torch", "torchvision"):
             raise ModuleNotFoundError(f"No module named {name!r}")
 sys.meta_path.insert(0, NoTorch())
-from flaxcnn import bench
-bench.main(sys.argv[1:])
+from flaxcnn.bench import command
+command.main(sys.argv[1:])
 """
 
 
 @pytest.fixture(scope="module")
 def lenet5() -> dict:
-    return bench.benchmark("lenet5", image_size=32, batch_size=8, steps=2)
+    return timing.benchmark("lenet5", image_size=32, batch_size=8, steps=2)
 
 
 def test_benchmark_numbers(lenet5):
@@ -98,7 +104,7 @@ def test_peak_is_a_matrix_product_on_every_device(lenet5):
 
 
 def test_repeats_report_the_median_run():
-    result = bench.benchmark("lenet5", image_size=32, batch_size=8, steps=1, repeats=3)
+    result = timing.benchmark("lenet5", image_size=32, batch_size=8, steps=1, repeats=3)
     runs = result["runs"]
     assert result["repeats"] == len(runs) == 3
     median = statistics.median(r["train_sec"] for r in runs)
@@ -112,7 +118,7 @@ def test_cli_table_and_json(tmp_path, capsys):
     path = tmp_path / "bench.json"
     argv = ["--arch", "lenet5", "--image-size", "32", "--batch-size", "8", "--steps", "2"]
     argv += ["--parallel", "shard_map", "--json", str(path)]
-    bench.main(argv)
+    command.main(argv)
     out = capsys.readouterr().out.splitlines()
     assert out[0].startswith("flaxcnn.bench: jax ") and "shard_map" in out[0]
     assert out[1].split()[:2] == ["arch", "input"]
@@ -133,17 +139,17 @@ def test_cli_table_and_json(tmp_path, capsys):
 
 def test_input_size_follows_the_trainer():
     """Design size by default; a small image on a large design takes the small stem."""
-    assert bench.plan("resnet34").network.image_size == 224
-    assert bench.plan("resnet34").network.options == {}
-    small = bench.plan("resnet34", image_size=8).network
+    assert planning.plan("resnet34").network.image_size == 224
+    assert planning.plan("resnet34").network.options == {}
+    small = planning.plan("resnet34", image_size=8).network
     assert (small.image_size, small.options) == (8, {"small_stem": True})
-    assert bench.plan("resnet20").network.image_size == 32
-    assert bench.plan("lenet5", num_classes=100).params > LENET5_PARAMS
+    assert planning.plan("resnet20").network.image_size == 32
+    assert planning.plan("lenet5", num_classes=100).params > LENET5_PARAMS
 
 
 def test_arch_lists():
-    assert bench.parse_archs(None) == list(bench.DEFAULT_ARCHS)
-    assert bench.parse_archs(["lenet5, resnet20", "lenet5", "resnet34"]) == [
+    assert command.parse_archs(None) == list(command.DEFAULT_ARCHS)
+    assert command.parse_archs(["lenet5, resnet20", "lenet5", "resnet34"]) == [
         "lenet5",
         "resnet20",
         "resnet34",
@@ -162,14 +168,14 @@ def test_arch_lists():
 )
 def test_bad_arguments_raise_usage_error(kwargs, message):
     with pytest.raises(cli.UsageError, match=message):
-        bench.plan(**kwargs)
+        planning.plan(**kwargs)
 
 
 @pytest.mark.slow  # trains two epochs of the digits
 def test_loop_against_the_step(tmp_path, monkeypatch):
     """The trainer's loop on the digits at the step's network and batch; nothing left behind."""
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
-    result = bench.benchmark("lenet5", batch_size=64, steps=2, loop=True, loop_epochs=2)
+    result = timing.benchmark("lenet5", batch_size=64, steps=2, loop=True, loop_epochs=2)
     loop = result["loop"]
     assert list(tmp_path.iterdir()) == []
     assert (loop["batch_size"], loop["image_size"]) == (result["batch_size"], 32) == (64, 32)
@@ -184,17 +190,17 @@ def test_loop_against_the_step(tmp_path, monkeypatch):
 def test_loop_takes_the_digits_input_size(tmp_path):
     """The trainer's 8x8 digits give ImageNet ResNets their small stem at 8x8, LeNet 32x32."""
     settings = {"batch_size": 128, "steps": 1, "image_size": None, "num_classes": 10}
-    p, setup = bench.prepare_job("resnet18", settings, loop_root=tmp_path)
+    p, setup = planning.prepare_job("resnet18", settings, loop_root=tmp_path)
     assert (p.network.image_size, p.network.options) == (8, {"small_stem": True})
     assert setup.network == p.network and setup.batch_size == p.batch_size == 128
-    p, _ = bench.prepare_job("lenet5", settings, loop_root=tmp_path)
+    p, _ = planning.prepare_job("lenet5", settings, loop_root=tmp_path)
     assert p.network.image_size == 32
 
 
 def test_reference_without_torch_is_refused(monkeypatch):
     monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` raises ImportError
     with pytest.raises(cli.UsageError, match=r"pip install 'flaxcnn\[torch\]'"):
-        bench.reference_module("torch")
+        planning.reference_module("torch")
 
 
 # Run as `python -m flaxcnn.bench` in a process of their own: one case that stops before any
@@ -227,7 +233,7 @@ def test_bad_input_is_one_line_and_exit_2(argv, message, capsys):
         code, stdout, stderr = proc.returncode, proc.stdout, proc.stderr
     else:
         with pytest.raises(SystemExit) as exit_:
-            bench.main(argv)
+            command.main(argv)
         code = exit_.value.code
         stdout, stderr = capsys.readouterr()
     assert code == 2
@@ -242,4 +248,46 @@ def test_reference_without_torch_exits_2():
         [sys.executable, "-c", WITHOUT_TORCH, *argv], capture_output=True, text=True
     )
     assert proc.returncode == 2 and proc.stdout == ""
-    assert proc.stderr == f"error: {bench.TORCH_MISSING}\n"
+    assert proc.stderr == f"error: {planning.TORCH_MISSING}\n"
+
+
+def bench_imports() -> dict[str, set[str]]:
+    """The modules of flaxcnn/bench, each with the ones it imports of them, at its top or in
+    a function (a lazy import closes a circle as well)."""
+    folder = Path(bench.__file__).parent
+    names = {path.stem for path in folder.glob("*.py")}
+    graph: dict[str, set[str]] = {}
+    for path in folder.glob("*.py"):
+        imported = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                modules = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):  # from M import a: M.a, a module or a name
+                base = ["flaxcnn", "bench"][: 3 - node.level] if node.level else []
+                module = ".".join([*base, *([node.module] if node.module else [])])
+                modules = [f"{module}.{a.name}" for a in node.names]
+            else:
+                continue
+            for parts in (m.split(".") for m in modules):
+                if parts[:2] == ["flaxcnn", "bench"]:  # the package itself, or one of its names
+                    name = parts[2] if len(parts) > 2 else "__init__"
+                    imported.add(name if name in names else "__init__")
+        graph[path.stem] = imported
+    return graph
+
+
+def test_the_modules_import_each_other_without_a_cycle():
+    """No circle (graphlib raises CycleError on one), only `python -m flaxcnn.bench` imports
+    the command line, and each module imports only those its package docstring lists above."""
+    graph = bench_imports()
+    assert "torch_twins" in graph["planning"] and "loop" in graph["planning"]  # lazy ones too
+    order = list(graphlib.TopologicalSorter(graph).static_order())
+    assert set(order) == set(graph)
+    with pytest.raises(graphlib.CycleError):  # the check would see the old circle
+        list(graphlib.TopologicalSorter({**graph, "figures": {"timing"}}).static_order())
+    assert [name for name, imported in graph.items() if "command" in imported] == ["__main__"]
+    listed = re.findall(r"^    (\w+)\.py ", bench.__doc__, flags=re.MULTILINE)
+    assert sorted(listed) == sorted(set(graph) - {"__init__", "__main__"})
+    for i, name in enumerate(listed):
+        assert graph[name] <= set(listed[:i]), name
+    assert bench.benchmark is timing.benchmark

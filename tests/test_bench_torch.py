@@ -16,7 +16,8 @@ import pytest
 torch = pytest.importorskip("torch", reason="the torch extra is not installed")
 pytest.importorskip("torchvision", reason="the torch extra is not installed")
 
-from flaxcnn import bench, bench_torch, cli  # noqa: E402
+from flaxcnn import cli  # noqa: E402
+from flaxcnn.bench import command, planning, timing, torch_twins  # noqa: E402
 
 RATIO_KEYS = (
     "torch_train_images_per_sec",
@@ -31,38 +32,38 @@ RATIO_KEYS = (
     [("resnet18", 32), ("resnet20", 32), ("lenet5", 32), ("lenet5", 28), ("plain20", 32)],
 )
 def test_twin_has_our_parameter_count(arch, image_size):
-    p = bench.plan(arch, image_size=image_size)
-    model = bench_torch.build(p.network)
-    assert bench_torch.count_params(model) == p.params
+    p = planning.plan(arch, image_size=image_size)
+    model = torch_twins.build(p.network)
+    assert torch_twins.count_params(model) == p.params
     images = torch.zeros(2, p.network.in_channels, image_size, image_size)
     assert model(images).shape == (2, 10)
 
 
 def test_small_stem_is_ours():
     """ResNet-18 at 32x32 takes the 3x3 stride-1 stem without max-pool, as ours does."""
-    network = bench.plan("resnet18", image_size=32).network
+    network = planning.plan("resnet18", image_size=32).network
     assert network.options == {"small_stem": True}
-    model = bench_torch.build(network)
+    model = torch_twins.build(network)
     assert (model.conv1.kernel_size, model.conv1.stride) == ((3, 3), (1, 1))
     assert isinstance(model.maxpool, torch.nn.Identity)
 
 
 def test_zero_padding_shortcut():
     """Option A: where the shape changes, the input subsampled, new channels zero."""
-    block = bench_torch.CifarBlock(16, 32, stride=2, shortcut=True)
+    block = torch_twins.CifarBlock(16, 32, stride=2, shortcut=True)
     for conv in (block.conv1, block.conv2):
         torch.nn.init.zeros_(conv.weight)  # the residual branch is 0 (+ BatchNorm's 0 shift)
     x = torch.rand(2, 16, 8, 8)
     y = block.eval()(x)
     assert torch.equal(y[:, :16], x[:, :, ::2, ::2]) and not y[:, 16:].any()
-    assert bench_torch.count_params(block) == 9 * 16 * 32 + 9 * 32 * 32 + 2 * 2 * 32
+    assert torch_twins.count_params(block) == 9 * 16 * 32 + 9 * 32 * 32 + 2 * 2 * 32
 
 
 def test_optimizer_is_the_trainers():
-    p = bench.plan("resnet20", batch_size=64)
-    settings = bench.optimizer_settings(64, total_steps=10)
-    model = bench_torch.build(p.network)
-    opt = bench_torch.make_optimizer(model, settings.peak_lr, settings.weight_decay, 0.9)
+    p = planning.plan("resnet20", batch_size=64)
+    settings = planning.optimizer_settings(64, total_steps=10)
+    model = torch_twins.build(p.network)
+    opt = torch_twins.make_optimizer(model, settings.peak_lr, settings.weight_decay, 0.9)
     decayed, plain = opt.param_groups
     assert decayed["weight_decay"] == 5e-4 and plain["weight_decay"] == 0.0
     assert all(t.ndim > 1 for t in decayed["params"]) and all(t.ndim == 1 for t in plain["params"])
@@ -73,7 +74,7 @@ def test_optimizer_is_the_trainers():
 
 
 def test_tiny_run_reports_the_ratios():
-    result = bench.benchmark(
+    result = timing.benchmark(
         "lenet5", image_size=32, batch_size=8, steps=1, reference="torch", repeats=2
     )
     for key in RATIO_KEYS:
@@ -90,9 +91,9 @@ def test_tiny_run_reports_the_ratios():
 
 
 def test_bfloat16_is_autocast():
-    p = bench.plan("lenet5", batch_size=4, steps=1, dtype="bfloat16")
-    settings = bench.optimizer_settings(4, total_steps=10)
-    twin = bench_torch.TorchSteps(p.network, p.params, bench.synthetic_batch(p), 1, settings)
+    p = planning.plan("lenet5", batch_size=4, steps=1, dtype="bfloat16")
+    settings = planning.optimizer_settings(4, total_steps=10)
+    twin = torch_twins.TorchSteps(p.network, p.params, planning.synthetic_batch(p), 1, settings)
     twin.warm_up()
     run = twin.timed_run()
     assert np.isfinite(run["train_loss"]) and twin.info()["autocast"] == "bfloat16"
@@ -102,7 +103,7 @@ def test_bfloat16_is_autocast():
 def test_cli_alternates_three_runs_by_default(tmp_path, capsys):
     path = tmp_path / "bench.json"
     argv = ["--arch", "lenet5", "--image-size", "32", "--batch-size", "8", "--steps", "1"]
-    bench.main([*argv, "--reference", "torch", "--json", str(path)])
+    command.main([*argv, "--reference", "torch", "--json", str(path)])
     out = capsys.readouterr().out.splitlines()
     assert "median of 3 runs" in out[0]
     assert "torch img/s" in out[1] and out[1].count("ours/torch") == 2
@@ -117,13 +118,13 @@ def test_cli_alternates_three_runs_by_default(tmp_path, capsys):
 @pytest.mark.parametrize("arch", ["simple_cnn", "netresdeep"])
 def test_no_twin_is_refused(arch):
     with pytest.raises(cli.UsageError, match=f"no PyTorch twin of {arch}"):
-        bench.benchmark(arch, reference="torch")
+        timing.benchmark(arch, reference="torch")
 
 
 def test_a_different_parameter_count_is_refused():
-    p = bench.plan("resnet20")
+    p = planning.plan("resnet20")
     with pytest.raises(cli.UsageError, match="269,722 trainable parameters, ours 269,723"):
-        bench_torch.check_twin(p.network, p.params + 1)
+        torch_twins.check_twin(p.network, p.params + 1)
 
 
 @pytest.mark.slow  # a process that imports torch and jax; in-process: test_no_twin_is_refused

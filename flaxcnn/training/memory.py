@@ -17,7 +17,7 @@ What a train step holds, as the trainer runs it (`training.loop`, `training.para
 * on the CPU, what compiling and running the steps costs in host memory (XLA's compiler
   and runtime), which grows with the size of the program: `CPU_OVERHEAD_*`.
 
-The constants were fitted to peaks measured with `python -m flaxcnn.bench_memory` (a
+The constants were fitted to peaks measured with `python -m flaxcnn.bench.memory` (a
 fresh process per configuration, the trainer's state, step and optimizer, XLA:CPU); the
 README's "Memory" section holds the table. The check compares the estimate with the memory available
 now (MemAvailable, and a container's limit less its usage), not with the total RAM.

@@ -43,7 +43,7 @@ def test_huge_images_are_refused_in_one_line_quickly():
     assert "available to this" in message
 
 
-# Peaks measured with `python -m flaxcnn.bench_memory` (MiB; the README's table): the
+# Peaks measured with `python -m flaxcnn.bench.memory` (MiB; the README's table): the
 # estimate stays within [0.8, 1.5] of them. The old estimate (2.3 GiB for VGG-11 at 224,
 # 0.92 GiB for ResNet-18 at 128) fell far below.
 MEASURED_PEAKS_MIB = [

@@ -14,7 +14,7 @@ convolutions and matrix products in bfloat16, parameters and optimizer state flo
 ours. The learning rate stays at its peak (our schedule's value costs nothing). torch's
 thread count is its default, recorded with the results.
 
-Import this module only where torch and torchvision import (`flaxcnn.bench` checks).
+Import this module only where torch and torchvision import (`planning.reference_module` checks).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ import torchvision
 from torch import nn
 
 from flaxcnn import cli
-from flaxcnn.bench import run_figures
+from flaxcnn.bench.figures import run_figures
 from flaxcnn.models.resnet import CIFAR_DEPTHS
 from flaxcnn.training.build import Network
 from flaxcnn.training.optim import OptimizerSettings

@@ -1,7 +1,7 @@
-"""`python -m flaxcnn.bench_memory`: the memory check's estimate against measured peaks.
+"""`python -m flaxcnn.bench.memory`: the memory check's estimate against measured peaks.
 
-    python -m flaxcnn.bench_memory                            # the calibration set
-    python -m flaxcnn.bench_memory --config vgg11:224:16 --config resnet18:128:64:bfloat16
+    python -m flaxcnn.bench.memory                            # the calibration set
+    python -m flaxcnn.bench.memory --config vgg11:224:16 --config resnet18:128:64:bfloat16
 
 Each configuration (`ARCH:IMAGE_SIZE:BATCH[:DTYPE[:STRATEGY]]`) runs on the CPU in a
 fresh Python process that does what the trainer does, on synthetic data: the train state
@@ -129,9 +129,9 @@ class Config:
 def plan(config: Config, steps: int = STEPS) -> Any:
     """The benchmark's `Plan`: the network as the trainer builds it, every argument checked
     (raises `cli.UsageError`), and the memory check passed."""
-    from flaxcnn import bench
+    from flaxcnn.bench import planning
 
-    return bench.plan(
+    return planning.plan(
         config.arch,
         image_size=config.image_size,
         batch_size=config.batch_size,
@@ -169,15 +169,15 @@ def measure(config: Config, steps: int = STEPS) -> dict[str, Any]:
     """
     import jax
 
-    from flaxcnn import bench
+    from flaxcnn.bench import planning
     from flaxcnn.training import parallel
     from flaxcnn.training.build import create_train_state
 
     p = plan(config, steps)
-    host = bench.synthetic_batch(p)
+    host = planning.synthetic_batch(p)
     before = _resident_bytes()
-    tx = bench.optimizer_settings(p.batch_size, steps).build()[0]
-    state = create_train_state(p.network, tx, bench.SEED)  # the trainer keeps it: so do we
+    tx = planning.optimizer_settings(p.batch_size, steps).build()[0]
+    state = create_train_state(p.network, tx, planning.SEED)  # the trainer keeps it: so do we
     par = parallel.make(config.strategy)
     dstate = par.put_state(state)
     train = {k: v for k, v in host.items() if k != "mask"}
@@ -205,7 +205,7 @@ def run_child(config: Config, steps: int = STEPS) -> dict[str, Any]:
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     spec = json.dumps(dataclasses.asdict(config))
     out = subprocess.run(
-        [sys.executable, "-m", "flaxcnn.bench_memory", "--child", spec, "--steps", str(steps)],
+        [sys.executable, "-m", "flaxcnn.bench.memory", "--child", spec, "--steps", str(steps)],
         capture_output=True,
         text=True,
         env=env,
@@ -309,7 +309,7 @@ def header() -> list[str]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = cli.ArgumentParser(
-        prog="python -m flaxcnn.bench_memory",
+        prog="python -m flaxcnn.bench.memory",
         description="Peak memory of the trainer's train step, measured in a fresh process per "
         "configuration, beside the estimate the trainer checks before it builds anything.",
     )
@@ -352,7 +352,7 @@ def main(argv: list[str] | None = None) -> None:
         for config in configs:  # every configuration checked before the first is measured
             plan(config)
         if args.json:
-            from flaxcnn.bench import check_writable
+            from flaxcnn.bench.planning import check_writable
 
             check_writable(Path(args.json))
     except cli.UsageError as e:
