@@ -100,24 +100,30 @@ def once_per_run(tmp_path_factory, worker_id):
 
 
 @pytest.fixture(scope="session")
-def finished_run(digits_data_dir, tmp_path_factory) -> pathlib.Path:
+def finished_run(digits_data_dir, once_per_run) -> pathlib.Path:
     """The workdir of one finished LeNet-5 run on the digits, with the trainer's defaults
     but two epochs (1,293 training digits after the validation split's 144, batch 128: 10
     steps an epoch, checkpoints at steps 10 and 20).
 
-    Trained once per test process for every test that only needs a finished run (plot,
-    evaluate, predict, --init-from, resume checks without a kill of their own). Read it
-    only: a test that changes a run works on `copy_run(finished_run)`.
+    Trained once per test run, by the first worker that asks, for every test that only
+    needs a finished run (plot, evaluate, predict, --init-from, resume checks without a
+    kill of their own). Read it only: a test that changes a run works on
+    `copy_run(finished_run)`. (What readers write beside it, a plot or a confusion matrix,
+    goes through a uniquely named temporary file renamed into place.)
     """
-    from flaxcnn.training import TrainConfig, train
 
-    workdir = tmp_path_factory.mktemp("finished") / "lenet5-digits"
-    config = TrainConfig(
-        arch="lenet5", epochs=2, data_dir=str(digits_data_dir), workdir=str(workdir),
-        progress=False,
-    )  # fmt: skip
-    train(config, out=lambda line: None)
-    return workdir
+    def make(directory: pathlib.Path) -> str:
+        from flaxcnn.training import TrainConfig, train
+
+        workdir = directory / "lenet5-digits"
+        config = TrainConfig(
+            arch="lenet5", epochs=2, data_dir=str(digits_data_dir), workdir=str(workdir),
+            progress=False,
+        )  # fmt: skip
+        train(config, out=lambda line: None)
+        return str(workdir)
+
+    return pathlib.Path(once_per_run("finished_run", make))
 
 
 @pytest.fixture

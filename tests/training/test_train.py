@@ -150,19 +150,40 @@ def test_one_device_four_devices_pmap_and_shard_map_agree(digits_data_dir, tmp_p
     assert config["devices"] == 4 and config["batch_size"] == 64 and config["image_size"] == 8
 
 
+# 20 steps an epoch: a checkpoint every 7 steps, and so a kill, falls in the middle of one.
+# BatchNorm statistics, dropout's random stream and the data order all carry across it.
+RESUMABLE = [
+    *BASE, *SMALL_BN_NET, "--dropout", "0.1",
+    "--batch-size", "64", "--epochs", "3", "--checkpoint-every", "7",
+]  # fmt: skip
+
+
+@pytest.fixture
+def uninterrupted(digits_data_dir, once_per_run) -> dict:
+    """The run uninterrupted, trained once per test run for every interrupted one and the
+    same-seed check: {"records": its metrics without timings, "workdir": where it is}."""
+
+    def make(directory: Path) -> dict:
+        train_ok([*RESUMABLE, "--workdir", str(directory)], digits_data_dir)
+        return {"records": records(directory), "workdir": str(directory)}
+
+    return once_per_run("uninterrupted", make)
+
+
 @pytest.mark.slow
-def test_same_seed_same_metrics_and_outputs(digits_data_dir, tmp_path):
-    args = [*BASE, *SMALL_BN_NET, "--epochs", "2", "--dropout", "0.2"]
-    train_ok([*args, "--workdir", str(tmp_path / "a")], digits_data_dir)
-    train_ok([*args, "--workdir", str(tmp_path / "b")], digits_data_dir)
-    assert records(tmp_path / "a") == records(tmp_path / "b")
-    files = {p.name for p in (tmp_path / "a").iterdir()}
+def test_same_seed_same_metrics_and_outputs(digits_data_dir, tmp_path, uninterrupted):
+    """A second run of the same command (seed, dropout, BatchNorm, data order) logs exactly
+    what the shared uninterrupted run logged, and writes the same kinds of files."""
+    train_ok([*RESUMABLE, "--workdir", str(tmp_path / "b")], digits_data_dir)
+    assert records(tmp_path / "b") == uninterrupted["records"]
+    first = Path(uninterrupted["workdir"])
+    files = {p.name for p in first.iterdir()}
     assert {"config.json", "metrics.jsonl", "checkpoints", "tensorboard"} <= files
-    rows = records(tmp_path / "a", drop_timing=False)
+    rows = records(first, drop_timing=False)
     train_rows = [r for r in rows if r["split"] == "train"]
     assert all(r["images_per_sec"] > 0 and r["lr"] >= 0 for r in train_rows)
-    assert [r["epoch"] for r in rows] == [1, 1, 1, 2, 2, 2]  # train, val, test
-    events = list((tmp_path / "a" / "tensorboard").glob("events.out.tfevents.*"))
+    assert [r["epoch"] for r in rows] == [1, 1, 1, 2, 2, 2, 3, 3, 3]  # train, val, test
+    events = list((first / "tensorboard").glob("events.out.tfevents.*"))
     assert events and events[0].stat().st_size > 0
 
 
@@ -185,25 +206,6 @@ def wait_for_checkpoint(workdir: Path, proc: subprocess.Popen, min_step: int) ->
             raise AssertionError(f"run ended before a checkpoint: {proc.stderr.read()[-2000:]}")
         time.sleep(0.05)
     raise AssertionError("no checkpoint appeared in time")
-
-
-# 20 steps an epoch: a checkpoint every 7 steps, and so a kill, falls in the middle of one.
-# BatchNorm statistics, dropout's random stream and the data order all carry across it.
-RESUMABLE = [
-    *BASE, *SMALL_BN_NET, "--dropout", "0.1",
-    "--batch-size", "64", "--epochs", "3", "--checkpoint-every", "7",
-]  # fmt: skip
-
-
-@pytest.fixture
-def uninterrupted(digits_data_dir, once_per_run) -> list[dict]:
-    """The metrics of the run uninterrupted, trained once for every interrupted one."""
-
-    def make(directory: Path) -> list[dict]:
-        train_ok([*RESUMABLE, "--workdir", str(directory)], digits_data_dir)
-        return records(directory)
-
-    return once_per_run("uninterrupted", make)
 
 
 @pytest.mark.slow
@@ -235,7 +237,7 @@ def test_interrupted_run_resumes_to_identical_metrics(
     else:
         resumed = train_ok([*args, "--workdir", str(part)], digits_data_dir)
     assert f"resuming     from step {interrupted_at}" in resumed.stdout
-    assert records(part) == uninterrupted
+    assert records(part) == uninterrupted["records"]
 
 
 @pytest.mark.slow
