@@ -27,7 +27,7 @@ from flaxcnn.training.config import TrainConfig
 
 DEFAULT_BATCH_SIZE = 128
 FOLDER = "folder:"
-MIN_STEPS_PER_EPOCH = 10  # the default batch halves until an epoch has this many steps...
+MIN_STEPS_PER_EPOCH = 20  # the default batch halves until an epoch has this many steps...
 MIN_DEFAULT_BATCH = 8  # ...but not below this
 
 

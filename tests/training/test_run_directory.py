@@ -88,7 +88,7 @@ CONTRADICTIONS = [
     (["--model-option", "pooling=avg"], "--model-option pooling=avg contradicts", "pooling=max"),
     (["--seed", "2"], "--seed 2 contradicts", "which has 1"),
     (["--dtype", "bfloat16"], "--dtype bfloat16 contradicts", "which has float32"),
-    (["--label-smoothing", "0.1"], "--label-smoothing 0.1 contradicts", "which has 0"),
+    (["--label-smoothing", "0.2"], "--label-smoothing 0.2 contradicts", "which has 0.1"),
     (["--weight-decay", "0"], "--weight-decay 0 contradicts", "which has 0.0005"),
     (["--augment", "none"], "--augment none contradicts", "which has crop"),
     (["--val-fraction", "0.2"], "--val-fraction 0.2 contradicts", "which has 0.1"),

@@ -19,10 +19,10 @@ from flaxcnn.training.resolve import default_batch_size, prepare, resolved_confi
     "num_train, devices, expected",
     [
         (50_000, 1, 128),  # CIFAR: the usual 128
-        (1437, 1, 128),  # the digits: 11 steps an epoch already
-        (1437, 8, 128),
-        (600, 1, 32),  # 18 steps, where 64 would give 9
-        (144, 1, 8),  # 180 images, 20% held out: 18 steps
+        (1293, 1, 64),  # the digits less validation: 20 steps, where 128 would give 10
+        (1293, 8, 64),
+        (600, 1, 16),  # 37 steps, where 32 would give 18
+        (144, 1, 8),  # 180 images, 20% held out: 18 steps (8 is the floor)
         (144, 3, 6),  # a multiple of the device count
         (20, 4, 8),  # never below 8 (2 steps): fewer would be all noise
     ],
