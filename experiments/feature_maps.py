@@ -114,18 +114,40 @@ def train_and_restore(
     return build_model(meta), variables, metrics
 
 
+# The programs this script compiles itself run once or twice (an initialisation; a probe,
+# at init and, with --quick, after training), so their compile is nearly all they cost: on
+# a CPU they are compiled at LLVM -O0, which compiled resnet20's probe in 4.4 s against
+# 10.6 s at XLA's default -O3 (plain20: 2.7 against 6.3 s; its initialisation 1.0 against
+# 2.3 s at flaxcnn's one-shot -O2; a busy 2-core Xeon). The probe still runs in under 0.1 s
+# and its numbers agree with -O3's to float32 rounding (1e-6 relative). Not when XLA_FLAGS
+# sets the level or FLAXCNN_XLA_DEFAULTS=0.
+RUN_ONCE_OPTIONS = {"xla_backend_optimization_level": 0}
+
+
+def compile_run_once(fn: Callable, *args) -> Callable:
+    """The jitted `fn` compiled for `args`' shapes, with `RUN_ONCE_OPTIONS` on a CPU."""
+    import jax
+
+    from flaxcnn import xla_flags
+
+    options = xla_flags.compile_once_options(jax.default_backend())
+    if options is not None:  # on CPU, flaxcnn's one-shot options, unless the user opted out
+        options = {**options, **RUN_ONCE_OPTIONS}
+    return fn.lower(*args).compile(compiler_options=options)
+
+
 def init_variables(arch: str, num_classes: int, image_size: int, channels: int) -> tuple:
-    """A freshly initialised network (seed 0): what training starts from."""
+    """A freshly initialised network (seed 0): what training starts from (its own draw:
+    the trainer splits its seed's key first)."""
     import jax
     import jax.numpy as jnp
 
     from flaxcnn import models
-    from flaxcnn.training.state import compile_once
 
     model = models.create(arch, num_classes=num_classes)
     x = jnp.zeros((1, image_size, image_size, channels), jnp.float32)
     # One compiled program, as the trainer does: op by op, ResNet-20's init compiled ~40.
-    variables = compile_once(lambda: model.init(jax.random.key(0), x, train=False))()
+    variables = compile_run_once(jax.jit(lambda: model.init(jax.random.key(0), x, train=False)))()
     return model, {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
 
 
@@ -331,26 +353,6 @@ def kernel_norm(tree) -> Any:
     return jnp.sqrt(sum(jnp.sum(jnp.square(leaf)) for leaf in leaves))
 
 
-# A probe runs once (twice with --quick: at init and after training), so its compile is
-# nearly all it costs: on a CPU it is compiled at LLVM -O0, which compiled resnet20's probe
-# in 4.4 s against 10.6 s at XLA's default -O3 (plain20: 2.7 against 6.3 s; a busy 2-core
-# Xeon) and still runs it in under 0.1 s; the numbers agree with -O3's to float32 rounding
-# (1e-6 relative). Not when XLA_FLAGS sets the level or FLAXCNN_XLA_DEFAULTS=0.
-PROBE_COMPILER_OPTIONS = {"xla_backend_optimization_level": 0}
-
-
-def compile_probe(probe: Callable, variables: dict, images, labels) -> Callable:
-    """`make_probe`'s function compiled for these shapes (`PROBE_COMPILER_OPTIONS`)."""
-    import jax
-
-    from flaxcnn import xla_flags
-
-    options = xla_flags.compile_once_options(jax.default_backend())
-    if options is not None:  # on CPU, flaxcnn's one-shot options, unless the user opted out
-        options = {**options, **PROBE_COMPILER_OPTIONS}
-    return probe.lower(variables, images, labels).compile(compiler_options=options)
-
-
 def make_probe(model) -> Callable:
     """(variables, images, labels) -> per-block statistics, for both BatchNorm modes.
 
@@ -442,7 +444,7 @@ def measure_depth(run: harness.Run, settings: Settings) -> dict[str, Any]:
             print(f"part 2: {arch} at init")
             model, fresh = init_variables(arch, classes, size, 3)
             # compiled once, used at init and after training
-            probe = compile_probe(make_probe(model), fresh, images, labels)
+            probe = compile_run_once(make_probe(model), fresh, images, labels)
             entry: dict[str, Any] = {
                 "family": family,
                 "depth": depth,
