@@ -47,7 +47,6 @@ from typing import Any
 
 import harness
 import numpy as np
-from matplotlib.patches import Patch
 
 NAME = "parallel_speed"
 SEED = 0
@@ -438,6 +437,8 @@ LEGEND = {"python": "pure Python", "numpy": "numpy", "xla": "XLA on CPU", "accel
 
 def draw(rows: list[dict], path: Path) -> Path:
     """Horizontal bars, log time axis; hatched bars are extrapolated from a smaller run."""
+    from matplotlib.patches import Patch  # here: the child processes never draw
+
     shown = [r for r in rows if "full_s" in r]
     figure = harness.new_figure(10, 0.45 * len(shown) + 1.6)
     ax = figure.add_subplot(1, 1, 1)
