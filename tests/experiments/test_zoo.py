@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 
 import pytest
@@ -172,6 +173,7 @@ def test_quick_limits_fall_where_the_docstring_says():
     googlenet but not resnet34, resnet32 or alexnet: the limits sit between their costs."""
     quick = zoo.SETTINGS["quick"]
 
+    @functools.cache  # each network traced once, however many limits it is held against
     def cost(arch: str) -> tuple[int, int]:
         size, options = zoo.digits_input(arch, 8)
         model = zoo.digits_model(arch, size, options, 10)
