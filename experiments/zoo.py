@@ -200,18 +200,25 @@ def digits_input(arch: str, native: int) -> tuple[int, dict[str, Any]]:
     return models.resolve_input(models.get_spec(arch), native, None)
 
 
-def digits_model(arch: str, size: int, options: dict[str, Any], num_classes: int) -> dict:
-    """Parameters, forward multiply-adds per image and conv/dense layers of the network the
-    digits run trains. The per-layer table's rows add up to `summary.total_macs`."""
+def digits_cost(arch: str, size: int, options: dict[str, Any], num_classes: int) -> dict:
+    """Forward multiply-adds per image and conv/dense layers of the network the digits run
+    trains: what the cost limits are held against. The per-layer table's rows add up to
+    `summary.total_macs`."""
     spec = models.get_spec(arch)
     model = models.create(arch, num_classes=num_classes, **options)
-    shape = (1, size, size, spec.in_channels)
-    table = summary.layer_table(model, shape)
+    table = summary.layer_table(model, (1, size, size, spec.in_channels))
     return {
-        "params": summary.count_params(model, shape),
         "macs": sum(row.macs for row in table),
         "layers": sum(row.kind in ("Conv", "Dense") for row in table),
     }
+
+
+def digits_model(arch: str, size: int, options: dict[str, Any], num_classes: int) -> dict:
+    """Parameters, and `digits_cost`, of the network the digits run trains."""
+    spec = models.get_spec(arch)
+    model = models.create(arch, num_classes=num_classes, **options)
+    params = summary.count_params(model, (1, size, size, spec.in_channels))
+    return {"params": params, **digits_cost(arch, size, options, num_classes)}
 
 
 def skip_reason(
