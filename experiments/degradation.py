@@ -25,8 +25,7 @@ from typing import Any
 
 import harness
 
-from flaxcnn import cli, models, plot
-from flaxcnn.models import summary
+from flaxcnn import cli  # jax, flax and matplotlib load where used: a bad argument is refused fast
 
 # He et al. 2016, Table 6 (CIFAR-10 test error, %); the "measured" column beside it is
 # filled only by a --full run. (No other published or reproduced figures are shown: a
@@ -93,6 +92,8 @@ def arch_names(depths: Sequence[int]) -> list[str]:
 
 def curves(workdir: Path) -> dict[str, list[float]]:
     """Per-epoch step, training loss, and training and test error of one run."""
+    from flaxcnn import plot
+
     records = plot.read_run(workdir)
     train = {r["epoch"]: r for r in records if r["split"] == "train"}
     test = {r["epoch"]: r for r in records if r["split"] == "test"}
@@ -128,6 +129,9 @@ def train_one(recipe: Recipe, arch: str, seed: int, run: harness.Run) -> dict[st
 
 
 def count_params(arch: str, recipe: Recipe) -> int:
+    from flaxcnn import models
+    from flaxcnn.models import summary
+
     size = recipe.image_size or 32
     return summary.count_params(models.create(arch, num_classes=10), (1, size, size, 3))
 

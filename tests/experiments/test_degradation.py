@@ -107,7 +107,6 @@ def test_full_recipe_is_he_et_al():
 
 
 @pytest.mark.parametrize("argv", [["--smoke", "--full"], ["--seeds", "0"]])
-@pytest.mark.slow
 def test_bad_arguments_are_one_line_and_exit_2(argv, tmp_path):
     proc = subprocess.run(
         [sys.executable, str(EXPERIMENTS / "degradation.py"), *argv, "--out", str(tmp_path)],
