@@ -174,11 +174,16 @@ def branch_counts(model: nn.Module, shape: Sequence[int]) -> dict[str, tuple[int
 
 
 def init_and_input(model: nn.Module, shape: Sequence[int]) -> tuple[Any, jax.Array]:
-    """Random (seeded) variables and a random normal input of `shape`."""
-    kx, kp = jax.random.split(jax.random.key(SEED))
-    x = jax.random.normal(kx, tuple(shape), jnp.float32)
-    variables = model.init({"params": kp}, x, train=False)
-    return variables, x
+    """Random (seeded) variables and a random normal input of `shape`, drawn by one compiled
+    program (op by op, each random draw of the initialiser is compiled on its own)."""
+    from flaxcnn.training.state import compile_once
+
+    def draw():
+        kx, kp = jax.random.split(jax.random.key(SEED))
+        x = jax.random.normal(kx, tuple(shape), jnp.float32)
+        return model.init({"params": kp}, x, train=False), x
+
+    return compile_once(draw)()
 
 
 def compile_forward(model: nn.Module, shape: Sequence[int]) -> tuple[Any, Any, jax.Array]:

@@ -35,11 +35,12 @@ import time
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from matplotlib.figure import Figure
+from flaxcnn import cli
 
-from flaxcnn import cli, plot
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 SIZES = ("smoke", "quick", "full")
 HERE = Path(__file__).resolve().parent
@@ -268,11 +269,15 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str
 
 def new_figure(width: float, height: float) -> Figure:
     """A figure on its own Agg canvas (no pyplot): see `flaxcnn.plot.new_figure`."""
+    from flaxcnn import plot  # matplotlib: only for a script's figures, not its child processes
+
     return plot.new_figure(width, height)
 
 
 def save_figure(figure: Figure, path: Path) -> Path:
     """Write a PNG atomically (a crash never leaves half a figure)."""
+    from flaxcnn import plot
+
     return plot.save_png(figure, path)
 
 

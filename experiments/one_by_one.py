@@ -67,8 +67,16 @@ def feature_maps(image: np.ndarray, channels: int) -> np.ndarray:
     """
     stem = layers.Conv(channels, (3, 3), padding=layers.torch_padding(0))
     x = jnp.asarray(image)[None]
-    params = stem.init(jax.random.key(SEED), x)
+    params = initialise(stem, SEED, x.shape)
     return np.asarray(jax.nn.relu(stem.apply(params, x)))
+
+
+def initialise(module: nn.Module, seed: int, shape: tuple[int, ...]) -> dict:
+    """`module.init` for inputs of `shape`, as one compiled program (op by op, each random
+    draw of the initialiser is compiled on its own)."""
+    from flaxcnn.training.state import compile_once
+
+    return compile_once(lambda: module.init(jax.random.key(seed), jnp.zeros(shape)))()
 
 
 # --- the four ways of computing the same thing ----------------------------------------------
@@ -169,7 +177,7 @@ def compare(x32: np.ndarray, c_out: int) -> dict[str, Any]:
     """Every form against the 1x1 conv and against float64, in float32 and in float64."""
     c_in = x32.shape[-1]
     x = jnp.asarray(x32)
-    params = one_by_one(c_out).init(jax.random.key(SEED + 1), x)
+    params = initialise(one_by_one(c_out), SEED + 1, x.shape)
     ref = reference64(params, x32)
     outputs32 = {"1x1 conv": conv_apply(params, x)} | {
         name: fn(params, x) for name, fn in FORMS.items()

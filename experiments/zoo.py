@@ -200,18 +200,25 @@ def digits_input(arch: str, native: int) -> tuple[int, dict[str, Any]]:
     return models.resolve_input(models.get_spec(arch), native, None)
 
 
-def digits_model(arch: str, size: int, options: dict[str, Any], num_classes: int) -> dict:
-    """Parameters, forward multiply-adds per image and conv/dense layers of the network the
-    digits run trains. The per-layer table's rows add up to `summary.total_macs`."""
+def digits_cost(arch: str, size: int, options: dict[str, Any], num_classes: int) -> dict:
+    """Forward multiply-adds per image and conv/dense layers of the network the digits run
+    trains: what the cost limits are held against. The per-layer table's rows add up to
+    `summary.total_macs`."""
     spec = models.get_spec(arch)
     model = models.create(arch, num_classes=num_classes, **options)
-    shape = (1, size, size, spec.in_channels)
-    table = summary.layer_table(model, shape)
+    table = summary.layer_table(model, (1, size, size, spec.in_channels))
     return {
-        "params": summary.count_params(model, shape),
         "macs": sum(row.macs for row in table),
         "layers": sum(row.kind in ("Conv", "Dense") for row in table),
     }
+
+
+def digits_model(arch: str, size: int, options: dict[str, Any], num_classes: int) -> dict:
+    """Parameters, and `digits_cost`, of the network the digits run trains."""
+    spec = models.get_spec(arch)
+    model = models.create(arch, num_classes=num_classes, **options)
+    params = summary.count_params(model, (1, size, size, spec.in_channels))
+    return {"params": params, **digits_cost(arch, size, options, num_classes)}
 
 
 def skip_reason(
@@ -428,18 +435,37 @@ def scatter(ax, points: Sequence[tuple[str, str, float, float]]) -> None:
         ax.scatter([x], [y], color=family_color(family), s=28, label=label, zorder=3)
 
 
-LABEL_SPOTS = (  # offset (points), alignment: right-above first, then around the point
-    ((4, 2), "left", "bottom"),
-    ((4, -2), "left", "top"),
-    ((-4, 2), "right", "bottom"),
-    ((-4, -2), "right", "top"),
-    ((0, 6), "center", "bottom"),
-    ((0, -6), "center", "top"),
-    ((8, 8), "left", "bottom"),
-    ((8, -8), "left", "top"),
-    ((-8, 8), "right", "bottom"),
-    ((-8, -8), "right", "top"),
+# Where a point's label may go, tried in this order: in rings of growing distance (points),
+# each ring in 8 directions, right-above first. Beyond the first ring a thin leader line
+# ties the label to its point.
+LABEL_RINGS = (4, 10, 17, 26, 38, 52)
+LABEL_DIRECTIONS = (  # (dx, dy, horizontal alignment, vertical alignment)
+    (1, 1, "left", "bottom"),
+    (1, -1, "left", "top"),
+    (-1, 1, "right", "bottom"),
+    (-1, -1, "right", "top"),
+    (0, 1, "center", "bottom"),
+    (0, -1, "center", "top"),
+    (1, 0, "left", "center"),
+    (-1, 0, "right", "center"),
 )
+LABEL_GAP = 1.5  # display pixels kept clear around every label
+LEADER = {"arrowstyle": "-", "color": "0.45", "linewidth": 0.5, "shrinkA": 0, "shrinkB": 3}
+
+
+def label_spots() -> list[tuple[tuple[float, float], str, str, bool]]:
+    """(offset in points, ha, va, with a leader line) for every spot, nearest first."""
+    spots = []
+    for i, ring in enumerate(LABEL_RINGS):
+        for dx, dy, ha, va in LABEL_DIRECTIONS:
+            if dx and dy:
+                offset = (dx * ring, dy * max(2, ring / 2))
+            elif dy:
+                offset = (0, dy * (ring + 2))
+            else:
+                offset = (dx * ring, 0)
+            spots.append((offset, ha, va, i > 0))
+    return spots
 
 
 def overlap(box, others) -> float:
@@ -452,9 +478,25 @@ def overlap(box, others) -> float:
     return total
 
 
+def outside(box, frame) -> float:
+    """Display area of `box` outside `frame`."""
+    return box.width * box.height - overlap(box, [frame])
+
+
+def text_box(text, renderer):
+    """The display box of a label's text alone (an annotation's own box takes in its
+    leader line)."""
+    from matplotlib.text import Text
+
+    text.update_positions(renderer)  # where its offset puts it now
+    return Text.get_window_extent(text, renderer)
+
+
 def place_labels(ax, points: Sequence[tuple[str, str, float, float]]) -> None:
-    """Name every point, each label at the spot around it that overlaps the fewest other
-    labels and points (none if it can).
+    """Name every point: each label at the nearest spot around it (`label_spots`) that stays
+    inside the axes, overlaps no other label (with `LABEL_GAP` to spare) and covers no
+    point; failing that, where it breaks these least (another label or the frame first,
+    a point last).
 
     Call after the figure is drawn once (layout and scales final); the labels stay out of
     the constrained layout, so they cannot move the points they were placed around.
@@ -462,27 +504,31 @@ def place_labels(ax, points: Sequence[tuple[str, str, float, float]]) -> None:
     from matplotlib.transforms import Bbox
 
     renderer = ax.figure.canvas.get_renderer()
-    taken = []
+    frame = ax.get_window_extent(renderer)
+    marks = []
     for _, _, x, y in points:
         px, py = ax.transData.transform((x, y))
-        taken.append(Bbox.from_bounds(px - 5, py - 5, 10, 10))
+        marks.append(Bbox.from_bounds(px - 5, py - 5, 10, 10))
+    labels: list = []
     for arch, _, x, y in points:
         best = None
-        for offset, ha, va in LABEL_SPOTS:
+        for offset, ha, va, leader in label_spots():
             text = ax.annotate(arch, (x, y), xytext=offset, textcoords="offset points",
-                               fontsize=7, ha=ha, va=va)  # fmt: skip
+                               fontsize=7, ha=ha, va=va,
+                               arrowprops=LEADER if leader else None)  # fmt: skip
             text.set_in_layout(False)
-            box = text.get_window_extent(renderer)
-            cost = overlap(box, taken)
+            box = text_box(text, renderer)
+            cost = 1e6 * (overlap(box.padded(LABEL_GAP), labels) + outside(box, frame))
+            cost += overlap(box, marks)
             if best is None or cost < best[0]:
                 if best is not None:
                     best[1].remove()
-                best = (cost, text, box)
+                best = (cost, text, box.padded(LABEL_GAP))
             else:
                 text.remove()
             if cost == 0:
                 break
-        taken.append(best[2])
+        labels.append(best[2])
 
 
 def figure(rows: Sequence[dict], settings: Settings):

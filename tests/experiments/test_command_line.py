@@ -14,8 +14,8 @@ SCRIPTS = sorted(
     p.stem for p in (ROOT / "experiments").glob("*.py") if p.stem not in ("harness", "run_all")
 )
 # Scripts that import jax and flaxcnn's models before they parse their arguments take 2.5-4 s
-# to say no; the quick lane keeps the two that answer in under a second.
-LIGHT = ("feature_maps", "parallel_speed")
+# to say no; the quick lane keeps the three that answer in under a second.
+LIGHT = ("degradation", "feature_maps", "parallel_speed")
 
 
 def test_every_experiment_is_covered():

@@ -90,3 +90,32 @@ def test_smoke_run(run_experiment):
     assert "**nan**" in page
     assert (out / "loss.png").stat().st_size > 10_000
     assert (out / "loss-neglogp.png").stat().st_size > 10_000
+
+
+def test_the_figure_shows_the_first_float32_break(monkeypatch, tmp_path):
+    """At scale 10 the committed --quick run found 6 of 10 million float32 log-probabilities
+    inf/nan: on the right panel that point stands clearly above the unbroken ones (at 0),
+    not drawn on top of them as a linear 0-100% axis draws it."""
+    entries = 10_000_000
+    broken = {0.1: 0, 1.0: 0, 10.0: 6, 30.0: 6_222_255, 100.0: 9_878_228, 1000.0: 9_986_697}
+    stable = {key: {"grad_max_abs": 1e-7} for key in (*loss.STABLE, "analytic")}
+    by_scale = {
+        scale: {**stable, "overflow": {"entries": entries, "log_softmax": 0,
+                                       "log_of_softmax": n, "textbook": n}}
+        for scale, n in broken.items()
+    }  # fmt: skip
+    drawn = []
+    monkeypatch.setattr(loss.harness, "save_figure", lambda figure, path: drawn.append(figure))
+    loss.draw_agreement({"float32": by_scale}, tmp_path / "loss.png")
+    (figure,) = drawn
+    figure.canvas.draw()
+    ax = figure.axes[1]
+    heights = {}  # share -> its height on the panel, as a fraction of the panel's height
+    for line in ax.get_lines():
+        for x, y in zip(*line.get_data(), strict=True):
+            _, pixel = ax.transData.transform((x, y))
+            heights[y] = (pixel - ax.bbox.y0) / ax.bbox.height
+    first_break, most = 100 * 6 / entries, 100 * 9_986_697 / entries
+    assert {0.0, first_break, most} <= set(heights)
+    assert heights[first_break] - heights[0.0] > 0.15  # a visible step up from 0
+    assert heights[most] - heights[first_break] > 0.15

@@ -97,3 +97,44 @@ def test_smoke_run(run_experiment):
     assert "EXTRAPOLATED" in page
     assert "Full setting (not run)" in page
     assert (out / "parallel_speed.png").stat().st_size > 10_000
+
+
+def table(times: dict[str, tuple[float, int | None]]) -> list[dict]:
+    """Rows as `summarise` makes them, from {key: (seconds for 9,998^2 positions, threads)}."""
+    labels = {key: (label, kind) for key, label, kind in parallel_speed.METHODS}
+    python, numpy_s = times["python"][0], times["numpy"][0]
+    return [
+        {
+            "key": key,
+            "method": labels[key][0],
+            "kind": labels[key][1],
+            "full_s": seconds,
+            "busy_threads": threads,
+            "speedup_vs_python": python / seconds,
+            "speedup_vs_numpy": numpy_s / seconds,
+        }
+        for key, (seconds, threads) in times.items()
+    ]
+
+
+# The committed --quick page's times: the Eigen-flag child ran the shifted slices fastest.
+QUICK = {"python": (201.0, 1), "numpy": (4.0, 1), "one_core/conv": (9.45, 1),
+         "all_cores/conv": (7.95, 2), "eigen_flag/conv": (8.79, 2),
+         "one_core/slices": (0.453, 1), "all_cores/slices": (0.464, 3),
+         "eigen_flag/slices": (0.33, 4)}  # fmt: skip
+
+
+def test_verdict_counts_every_parallel_row():
+    """The speed-up the verdict reports is the best of all the rows it shows, the Eigen-flag
+    child's and the GPU/TPU's included, each against the same op pinned to one core."""
+    text = parallel_speed.verdict(table(QUICK), {}, 2)
+    assert "with --xla_cpu_multi_thread_eigen=false made the jitted shifted slices 1.37x" in text
+    assert "made conv_general_dilated 1.19x as fast (threads doing the work: 1 vs 2)" in text
+    assert (
+        "was 1.4x at best (the jitted shifted slices, all 2 cores with "
+        "--xla_cpu_multi_thread_eigen=false), below the course's 10-100x" in text
+    )
+    with_gpu = table({**QUICK, "accel/conv": (0.05, None), "accel/slices": (0.02, None)})
+    text = parallel_speed.verdict(with_gpu, {}, 2)
+    assert "Going from 1 core to the GPU/TPU made the jitted shifted slices 22.65x as fast." in text
+    assert "was 1.9e+02x at best (conv_general_dilated, the GPU/TPU), above" in text
