@@ -67,6 +67,7 @@ class Recipe:
             # He et al. warm up only the 110-layer net (lr 0.01 for 400 iterations).
             warmup_epochs=self.warmup_epochs if arch.endswith("110") else 0.0,
             weight_decay=self.weight_decay,
+            label_smoothing=0.0,  # He et al. train on the plain targets
             seed=seed,
             workdir=str(workdir),
             progress=False,

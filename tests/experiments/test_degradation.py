@@ -103,7 +103,7 @@ def test_full_recipe_is_he_et_al():
     config = degradation.recipe_for("full").config("resnet56", 0, ROOT / "x", None)
     assert config.lr * config.batch_size / 256 == pytest.approx(0.1)  # trainer scales --lr
     assert config.schedule == "step" and config.weight_decay == 1e-4
-    assert config.warmup_epochs == 0.0
+    assert config.warmup_epochs == 0.0 and config.label_smoothing == 0.0
 
 
 @pytest.mark.parametrize("argv", [["--smoke", "--full"], ["--seeds", "0"]])
