@@ -365,7 +365,7 @@ def test_a_failed_write_ends_in_one_line_and_leaves_the_previous_checkpoint_usab
     monkeypatch.setattr(ocp.CheckpointManager, "save", disk_full)
     workdir = tmp_path / "run"
     cfg = TrainConfig(
-        arch="lenet5", epochs=2, progress=False, data_dir=str(digits_data_dir),
+        arch="lenet5", epochs=2, batch_size=128, progress=False, data_dir=str(digits_data_dir),
         workdir=str(workdir),
     )  # fmt: skip
     with pytest.raises(TrainingError) as error:
@@ -439,8 +439,8 @@ def test_reconcile_compares_settings_as_the_run_used_them():
 def test_list_valued_options_resume(digits_data_dir, tmp_path):
     """JSON gives lists back where the options hold tuples: still the same run."""
     cfg = TrainConfig(
-        arch="simple_cnn", model_options={"features": "8,16"}, epochs=1, progress=False,
-        data_dir=str(digits_data_dir), workdir=str(tmp_path / "run"),
+        arch="simple_cnn", model_options={"features": "8,16"}, epochs=1, batch_size=128,
+        progress=False, data_dir=str(digits_data_dir), workdir=str(tmp_path / "run"),
     )  # fmt: skip
     train(cfg, out=quiet)
     lines: list[str] = []

@@ -54,7 +54,9 @@ def test_without_validation_nothing_chooses_and_older_runs_resume_as_they_were(
     config.json without val_fraction, its data without validation figures) goes on as it
     did: every training image, the best checkpoint chosen on test accuracy."""
     workdir = tmp_path / "old"
-    common = dict(arch="lenet5", data_dir=str(digits_data_dir), workdir=str(workdir))
+    common = dict(
+        arch="lenet5", batch_size=128, data_dir=str(digits_data_dir), workdir=str(workdir)
+    )
     lines: list[str] = []
     train(TrainConfig(**common, epochs=1, val_fraction=0.0, progress=False), out=lines.append)
     assert "the best checkpoint is the latest (nothing is chosen on the test split)" in (
