@@ -61,10 +61,10 @@ def test_batch_norm_step_gives_the_global_batchs_statistics(strategy):
 def test_first_epoch_test_metrics_are_meaningful_and_evaluate_reproduces_them(
     digits_data_dir, tmp_path
 ):
-    """ResNet-20 after one epoch of 11 steps: with the running averages, evaluation sees a
+    """ResNet-20 after one epoch of 10 steps of 128: with the running averages, evaluation sees a
     network of ~10 steps ago (test accuracy near chance); recomputed, the real one."""
     common = dict(
-        arch="resnet20", image_size=8, epochs=1, seed=0, progress=False,
+        arch="resnet20", image_size=8, epochs=1, batch_size=128, seed=0, progress=False,
         data_dir=str(digits_data_dir),
     )  # fmt: skip
     precise = train(TrainConfig(**common, workdir=str(tmp_path / "p")), out=lambda line: None)
