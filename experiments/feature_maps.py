@@ -799,7 +799,8 @@ def depth_verdict(depth: dict) -> list[str]:
     """Plain sentences on the second claim, from the numbers only (deepest pair measured;
     after training, the deepest pair of which both nets learned)."""
     lines = []
-    for f in depth_findings(depth):
+    findings = depth_findings(depth)
+    for f in findings:
         d, p, r = f["depth"], f["plain"], f["resnet"]
         lines.append(
             f"- **{SETTINGS_TEXT[f['mode'], f['state']]}:** {fade_sentence(f'plain{d}', p)}; "
@@ -809,7 +810,7 @@ def depth_verdict(depth: dict) -> list[str]:
     failed = not_learned(depth)
     if failed:
         pairs = [d for d in depth["depths"] if f"plain{d}" in failed or f"resnet{d}" in failed]
-        measured = any(f["state"] == "trained" for f in depth_findings(depth))
+        measured = any(f["state"] == "trained" for f in findings)
         lines.append(
             f"- **after training:** {' and '.join(failed)} did not learn (test accuracy under "
             f"{learned_threshold(depth):.2g}, {LEARNED_TIMES_CHANCE:g}x chance), so the "

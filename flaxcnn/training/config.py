@@ -56,7 +56,7 @@ class TrainConfig:
     )
     # The defaults of warmup, label smoothing and (resolve.py) the batch for small splits
     # are the main job's recipe, chosen by measurement over seeds and thread counts
-    # (README, "The main job on any machine").
+    # (docs/main-job.md).
     warmup_epochs: float = setting(3.0, "epochs of linear warmup from 0 to the learning rate")
     weight_decay: float | None = setting(
         None,
