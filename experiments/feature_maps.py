@@ -118,7 +118,7 @@ def train_and_restore(
 # at init and, with --quick, after training), so their compile is nearly all they cost: on
 # a CPU they are compiled at LLVM -O0, which compiled resnet20's probe in 4.4 s against
 # 10.6 s at XLA's default -O3 (plain20: 2.7 against 6.3 s; its initialisation 1.0 against
-# 2.3 s at flaxcnn's one-shot -O2; a busy 2-core Xeon). The probe still runs in under 0.1 s
+# 2.3 s at flaxcnn's one-shot -O2; a busy 2-core AMD EPYC). The probe still runs in under 0.1 s
 # and its numbers agree with -O3's to float32 rounding (1e-6 relative). Not when XLA_FLAGS
 # sets the level or FLAXCNN_XLA_DEFAULTS=0.
 RUN_ONCE_OPTIONS = {"xla_backend_optimization_level": 0}

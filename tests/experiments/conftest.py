@@ -4,7 +4,7 @@ a child process, writing into the test's temporary directory (never the committe
 The child's XLA compiles at LLVM -O0 (`SMOKE_XLA_FLAGS`): a smoke run's compiled steps run
 a handful of times, so it spends its time compiling, and the tests check that the script
 runs and that its numbers hold together, which the optimisation level changes neither of.
-Measured on a busy 2-core Xeon: degradation --smoke 32 -> 25 s, zoo 19-21 -> 15 s; the
+Measured on a busy 2-core AMD EPYC: degradation --smoke 32 -> 25 s, zoo 19-21 -> 15 s; the
 other scripts within noise either way.
 """
 
