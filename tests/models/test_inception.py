@@ -80,25 +80,31 @@ def test_inception_output_channels_are_the_sum_of_its_branches(name, paper_5x5):
     assert variables["params"]["branch3_1"]["conv"]["kernel"].shape[:2] == (k, k)
 
 
-def test_inception_concatenates_the_branches_in_order():
-    module = Inception(3, 2, 4, 2, 5, 6)
-    x = normal((2, 5, 5, 8), seed=1)
-    variables = random_variables(module, x.shape)  # no initialiser to compile
+class TestInceptionConcatenation(chex.TestCase):
+    """The block traced under jit and run op by op (the whole GoogLeNet is compiled only:
+    tests/models/test_models.py)."""
 
-    @jax.jit
-    def run(variables, x):
-        return module.apply(
-            variables,
-            x,
-            train=False,
-            capture_intermediates=lambda m, _: isinstance(m, layers.ConvBN),
-            mutable=["intermediates"],
-        )
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_inception_concatenates_the_branches_in_order(self):
+        module = Inception(3, 2, 4, 2, 5, 6)
+        x = normal((2, 5, 5, 8), seed=1)
+        variables = random_variables(module, x.shape)  # no initialiser to compile
 
-    out, state = run(variables, x)
-    branches = state["intermediates"]
-    parts = [branches[b]["__call__"][0] for b in ("branch1", "branch2_1", "branch3_1", "branch4_1")]
-    chex.assert_trees_all_equal(out, jnp.concatenate(parts, axis=-1))
+        def run(variables, x):
+            return module.apply(
+                variables,
+                x,
+                train=False,
+                capture_intermediates=lambda m, _: isinstance(m, layers.ConvBN),
+                mutable=["intermediates"],
+            )
+
+        out, state = self.variant(run)(variables, x)
+        branches = state["intermediates"]
+        names = ("branch1", "branch2_1", "branch3_1", "branch4_1")
+        parts = [branches[b]["__call__"][0] for b in names]
+        chex.assert_shape(out, (2, 5, 5, 3 + 4 + 5 + 6))
+        chex.assert_trees_all_equal(out, jnp.concatenate(parts, axis=-1))
 
 
 def conv_macs(module: nn.Module, input_shape: tuple[int, ...]) -> dict[str, int]:

@@ -76,7 +76,6 @@ def small_model(name):
 # (VGG: the dropout test below runs its whole forward pass; bottlenecks: test_resnet.py.)
 QUICK_FORWARD = ("lenet5", "netresdeep", "alexnet", "resnet18", "resnet20")
 DEEP = ("googlenet", "resnet101", "resnet110", "resnet152", "plain110")
-DEEP_RESNETS = tuple(name for name in DEEP if name != "googlenet")
 
 
 def check_forward(case: chex.TestCase, name: str) -> None:
@@ -100,18 +99,19 @@ class TestForwardOthers(chex.TestCase):
     """The same for every other registered network."""
 
     @chex.variants(with_jit=True, without_jit=True)
-    @parameterized.parameters(*(n for n in NAMES if n not in QUICK_FORWARD + DEEP_RESNETS))
+    @parameterized.parameters(*(n for n in NAMES if n not in QUICK_FORWARD + DEEP))
     def test_output_shape_and_finite(self, name):
         check_forward(self, name)
 
 
 @pytest.mark.slow
-class TestForwardDeepResNets(chex.TestCase):
-    """The deepest ResNets and plain nets, compiled only: op by op they run their shallower
-    siblings' blocks (above), only more of them."""
+class TestForwardDeep(chex.TestCase):
+    """The deepest networks, compiled only: op by op, the deepest ResNets and plain nets run
+    their shallower siblings' blocks (above), only more of them, and GoogLeNet its Inception
+    block (tests/models/test_inception.py) between plain convolutions and pools."""
 
     @chex.variants(with_jit=True)
-    @parameterized.parameters(*DEEP_RESNETS)
+    @parameterized.parameters(*DEEP)
     def test_output_shape_and_finite(self, name):
         check_forward(self, name)
 
