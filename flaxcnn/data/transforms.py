@@ -17,10 +17,13 @@ AUGMENTATIONS = ("none", "crop", "crop+flip")
 DEFAULT_AUGMENT = "default"
 
 
-def resolve_augment(augment: str, hflip: bool) -> str:
+def resolve_augment(augment: str, hflip: bool, small_split: bool = False) -> str:
     """The augmentation ``augment`` names, ``"default"`` resolved for a data set whose
-    horizontal flips keep labels (``hflip``) or not (digits and other characters)."""
+    horizontal flips keep labels (``hflip``) or not (digits and other characters), and
+    to ``"none"`` for a small training split (``small_split``: the trainer decides)."""
     if augment == DEFAULT_AUGMENT:
+        if small_split:
+            return "none"
         return "crop+flip" if hflip else "crop"
     if augment not in AUGMENTATIONS:
         choices = ", ".join((DEFAULT_AUGMENT, *AUGMENTATIONS))

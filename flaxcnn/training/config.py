@@ -46,8 +46,9 @@ class TrainConfig:
     )
     lr: float | None = setting(
         None,
-        "learning rate for a global batch of 256, scaled linearly with --batch-size "
-        "(default: 0.1 for sgd, 0.001 for adamw)",
+        "learning rate for a global batch of 256, scaled linearly with --batch-size down to "
+        "a batch of 64, whose rate smaller batches keep (default: 0.1 for sgd, 0.001 for "
+        "adamw)",
     )
     schedule: str = setting(
         "cosine",
@@ -92,7 +93,8 @@ class TrainConfig:
         "random augmentation of the training images: none; crop (random shifts by up to 4 px "
         "at 32 px, in proportion at other sizes, zero-padded); crop+flip (and horizontal "
         "flips) (default: the data set's own: crop for digits and other characters, which a "
-        "mirror changes, crop+flip for the rest)",
+        "mirror changes, crop+flip for the rest; none for a training split of fewer than 1280 "
+        "images, where crops slowed learning more than they helped)",
         choices=AUGMENT_CHOICES,
     )
     skip_corrupt: bool = setting(

@@ -13,7 +13,8 @@ from typing import Any
 import jax
 
 from flaxcnn.data.transforms import crop_padding
-from flaxcnn.training.resolve import DEFAULT_BATCH_SIZE, Setup
+from flaxcnn.training.optim import OptimizerSettings
+from flaxcnn.training.resolve import DEFAULT_BATCH_SIZE, SMALL_SPLIT, Setup
 
 
 def header(setup: Setup, resumed_from: int | None) -> list[str]:
@@ -44,9 +45,9 @@ def header(setup: Setup, resumed_from: int | None) -> list[str]:
         f"  batch        {setup.batch_size} global, {setup.batch_size // devices} per device, "
         f"{setup.steps_per_epoch} steps per epoch{chosen}",
         f"  image size   {net.image_size}x{net.image_size}x{net.in_channels}{stem}",
-        f"  augment      {augmentation(c.augment, net.image_size)}",
+        f"  augment      {augmentation(c.augment, net.image_size)}{small_split_note(setup)}",
         f"  dtype        {c.dtype} compute, float32 parameters",
-        f"  optimizer    {opt.name}, lr {opt.peak_lr:g} (= base x {setup.batch_size}/256), "
+        f"  optimizer    {opt.name}, lr {opt.peak_lr:g} ({lr_rule(setup.batch_size, opt)}), "
         f"{opt.schedule} schedule, weight decay {opt.weight_decay:g}",
         f"  parallel     {c.parallel}",
         f"  workdir      {setup.workdir}",
@@ -74,6 +75,20 @@ def splits(info: Any, val_fraction: float) -> str:
     if info.num_val:
         return f"{info.num_val} validation images ({val_fraction:g} of the training split)"
     return "no validation split (--val-fraction 0)"
+
+
+def lr_rule(batch_size: int, opt: OptimizerSettings) -> str:
+    """How the peak rate came from --lr: linear in the batch, held below LR_MIN_BATCH."""
+    if batch_size >= opt.lr_min_batch:
+        return f"= base x {batch_size}/256"
+    return f"= base x {opt.lr_min_batch}/256: a batch below {opt.lr_min_batch} takes its rate"
+
+
+def small_split_note(setup: Setup) -> str:
+    """That no augmentation is the default for a small training split."""
+    if setup.config.augment == "none" and setup.dataset.info.num_train < SMALL_SPLIT:
+        return f" (the default under {SMALL_SPLIT} training images; --augment to change)"
+    return ""
 
 
 def augmentation(augment: str, image_size: int) -> str:

@@ -2,7 +2,8 @@
 
 The learning rate given by the user is the rate for a global batch of 256 and is scaled
 linearly with the actual global batch (Goyal et al., 2017), so that changing the batch
-size or the number of devices does not call for a new learning rate.
+size or the number of devices does not call for a new learning rate. Linear scaling was
+measured for large batches; below a batch of 64 the rate stays at 64's (LR_MIN_BATCH).
 """
 
 from __future__ import annotations
@@ -18,10 +19,16 @@ SCHEDULES = ("cosine", "step", "constant")
 DEFAULT_LR = {"sgd": 0.1, "adamw": 1e-3}  # per 256 images
 DEFAULT_WEIGHT_DECAY = {"sgd": 5e-4, "adamw": 0.05}
 REFERENCE_BATCH = 256
+# Smaller batches take the rate of this one. Scaled all the way down, the batch of 8 that a
+# folder of 180 images gets had a 16x smaller step than the digits' batch of 64, and such
+# folders did not learn in 10 epochs (docs/small-data.md has the measurements).
+LR_MIN_BATCH = 64
 
 
-def scaled_lr(base_lr: float, global_batch_size: int) -> float:
-    return base_lr * global_batch_size / REFERENCE_BATCH
+def scaled_lr(base_lr: float, global_batch_size: int, min_batch: int = LR_MIN_BATCH) -> float:
+    """`base_lr` (per 256 images) for a global batch: linear in the batch, but not below
+    the rate of `min_batch` (1: linear all the way down, as runs before the floor had)."""
+    return base_lr * max(global_batch_size, min_batch) / REFERENCE_BATCH
 
 
 def make_schedule(name: str, peak_lr: float, total_steps: int, warmup_steps: int) -> optax.Schedule:
@@ -76,10 +83,17 @@ class OptimizerSettings:
     total_steps: int
     warmup_steps: int
     weight_decay: float
+    lr_min_batch: int = LR_MIN_BATCH  # the batch below which the rate no longer shrinks
 
     @classmethod
     def from_config(
-        cls, config: Any, *, batch_size: int, total_steps: int, warmup_steps: int
+        cls,
+        config: Any,
+        *,
+        batch_size: int,
+        total_steps: int,
+        warmup_steps: int,
+        lr_min_batch: int = LR_MIN_BATCH,
     ) -> OptimizerSettings:
         """A `TrainConfig`'s optimizer with its defaults filled in: the learning rate (per
         256 images, scaled to `batch_size`) and the weight decay of the optimizer."""
@@ -88,11 +102,12 @@ class OptimizerSettings:
         decay = config.weight_decay
         return cls(
             name=name,
-            peak_lr=scaled_lr(base, batch_size),
+            peak_lr=scaled_lr(base, batch_size, lr_min_batch),
             schedule=config.schedule,
             total_steps=total_steps,
             warmup_steps=warmup_steps,
             weight_decay=DEFAULT_WEIGHT_DECAY[name] if decay is None else decay,
+            lr_min_batch=lr_min_batch,
         )
 
     def build(self) -> tuple[optax.GradientTransformation, optax.Schedule]:

@@ -29,6 +29,10 @@ DEFAULT_BATCH_SIZE = 128
 FOLDER = "folder:"
 MIN_STEPS_PER_EPOCH = 20  # the default batch halves until an epoch has this many steps...
 MIN_DEFAULT_BATCH = 8  # ...but not below this
+# Training splits smaller than this (their default batch falls below 64) train without
+# random crops by default: in the few steps of a short run, crops slowed learning more than
+# they helped on every small folder measured (docs/small-data.md).
+SMALL_SPLIT = MIN_STEPS_PER_EPOCH * optim.LR_MIN_BATCH
 
 
 @dataclasses.dataclass(frozen=True)
@@ -222,8 +226,9 @@ def prepare(config: TrainConfig, stored: dict[str, Any] | None = None) -> Setup:
         dataset = data.hold_out(dataset, config.val_fraction)
     except ValueError as e:  # DatasetNotPrepared is a ValueError too
         raise UsageError(str(e)) from None
+    small = dataset.info.num_train < SMALL_SPLIT
     config = dataclasses.replace(
-        config, augment=resolve_augment(config.augment, dataset.info.hflip)
+        config, augment=resolve_augment(config.augment, dataset.info.hflip, small_split=small)
     )
     # A data set of images of varying sizes records 0: the model's design size then.
     native = max(dataset.info.image_shape[:2]) or spec.input_size
@@ -283,8 +288,17 @@ def prepare(config: TrainConfig, stored: dict[str, Any] | None = None) -> Setup:
             batch_size=batch_size,
             total_steps=plan.total_steps(config.epochs),
             warmup_steps=round(config.warmup_epochs * steps_per_epoch),
+            lr_min_batch=lr_min_batch(stored),
         ),
     )
+
+
+def lr_min_batch(stored: dict[str, Any] | None) -> int:
+    """The batch below which the learning rate stops shrinking: optim.LR_MIN_BATCH, or 1
+    (linear all the way down) for a run from before the floor, which resumes as it ran."""
+    if stored is not None and "lr_min_batch" not in stored:
+        return 1
+    return optim.LR_MIN_BATCH
 
 
 # What chooses a run's best checkpoint (config.json's "best_checkpoint_by").
@@ -326,6 +340,7 @@ def resolved_config(setup: Setup, previous: dict[str, Any] | None = None) -> dic
         **resolved.to_json(),
         "batch_size_chosen": previous.get("batch_size_chosen", setup.batch_size_chosen),
         "peak_lr": setup.optimizer.peak_lr,
+        "lr_min_batch": setup.optimizer.lr_min_batch,
         "steps_per_epoch": setup.steps_per_epoch,
         "epoch_plan": setup.plan.to_json(),
         "checkpoint_every_steps": setup.checkpoint_every,

@@ -151,10 +151,13 @@ def test_folder_runs_store_the_resolved_path_and_stop_when_the_folder_changed(
         [*base, "--dataset", "folder:imgs", "--workdir", str(workdir)], capsys
     )
     assert code == 0, err
-    assert "  augment      crop+flip (random shifts by up to 4 px, horizontal flips)" in out
+    # 14 training images: a small split trains without random crops by default.
+    assert (
+        "  augment      none (the default under 1280 training images; --augment to change)" in out
+    )
     saved = json.loads((workdir / "config.json").read_text())
     assert saved["dataset"] == f"folder:{folder.resolve()}"
-    assert saved["augment"] == "crop+flip"  # resolved: a folder's own augmentation
+    assert saved["augment"] == "none"  # resolved and stored
 
     # flaxcnn.evaluate from another directory finds the data.
     monkeypatch.chdir("/")

@@ -110,3 +110,7 @@ def test_schedules():
     )
     assert float(optim.make_schedule("constant", 0.3, 100, 0)(77)) == pytest.approx(0.3)
     assert optim.scaled_lr(0.1, 512) == pytest.approx(0.2)
+    # Linear down to a batch of 64; smaller batches take 64's rate (1: linear all the way,
+    # as runs from before the floor resume).
+    assert optim.scaled_lr(0.1, 64) == optim.scaled_lr(0.1, 8) == pytest.approx(0.025)
+    assert optim.scaled_lr(0.1, 8, min_batch=1) == pytest.approx(0.003125)
