@@ -28,6 +28,7 @@ EXPERIMENTS = (
     "parallel_speed",
     "zoo",
     "feature_maps",
+    "small_data",
     "degradation",
 )
 

@@ -14,13 +14,13 @@ SCRIPTS = sorted(
     p.stem for p in (ROOT / "experiments").glob("*.py") if p.stem not in ("harness", "run_all")
 )
 # Scripts that import jax and flaxcnn's models before they parse their arguments take 2.5-4 s
-# to say no; the quick lane keeps the three that answer in under a second.
-LIGHT = ("degradation", "feature_maps", "parallel_speed")
+# to say no; the quick lane keeps the four that answer in under a second.
+LIGHT = ("degradation", "feature_maps", "parallel_speed", "small_data")
 
 
 def test_every_experiment_is_covered():
     assert SCRIPTS == ["bottleneck", "degradation", "feature_maps", "loss", "one_by_one",
-                       "parallel_speed", "zoo"]  # fmt: skip
+                       "parallel_speed", "small_data", "zoo"]  # fmt: skip
 
 
 @pytest.mark.parametrize(
