@@ -135,7 +135,8 @@ def test_frozen_backbone_trains_only_the_new_classifier(converted, data_dir, tmp
 def test_full_fine_tuning_moves_the_backbone(converted, data_dir, tmp_path):
     """A few steps on a small folder (48 images of noise) show it."""
     folder = image_folder(tmp_path / "imgs", noise)
-    result = fine_tune(converted, tmp_path / "full", dataset=folder)
+    # The running averages suffice here (precise BN would compile one more program).
+    result = fine_tune(converted, tmp_path / "full", dataset=folder, precise_bn=0)
     assert np.isfinite(result["loss"])
     _, _, source = RunDir(converted).restore_variables()
     _, _, tuned = RunDir(tmp_path / "full").restore_variables()

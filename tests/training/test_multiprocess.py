@@ -206,7 +206,7 @@ def checkpoint_steps(workdir: Path) -> list[int]:
 @pytest.fixture
 def reference(shared, once_per_run) -> list[dict]:
     """The metrics of 2 epochs on 1 process x 2 devices (pmap; shard_map gives the same
-    to 1e-7, tests/training/test_train.py), trained once for both strategies' tests."""
+    to 1e-7, tests/training/test_train.py), trained once per test run."""
 
     def make(directory: Path) -> list[dict]:
         workdir = directory / "one"
@@ -221,34 +221,22 @@ def reference(shared, once_per_run) -> list[dict]:
 
 
 @pytest.mark.slow
-def test_two_processes_under_shard_map_train_like_one_with_two_devices(shared, reference, tmp_path):
-    """The same 2 epochs with shard_map over the two processes' devices, uninterrupted
-    (stopping and resuming do not depend on the strategy: the test below)."""
-    two = tmp_path / "two"
-    args = [*ARGS, "--parallel", "shard_map", "--epochs", "2", "--workdir", str(two)]
-    pair = finish(start(args, shared, processes=2, devices=1, logs=tmp_path / "logs"))
-    assert "(2 process(es), 1 local)" in pair[0].stdout
-    assert own_lines(pair[0].stdout)[-1].startswith("test accuracy: ")
-    assert own_lines(pair[1].stdout) == []  # process 1 prints nothing
-    assert_same_metrics(records(two), reference)
-    assert_written_once(two, lines=6, runs=1)  # train, val, test for each of 2 epochs
-
-
-@pytest.mark.slow
 def test_two_processes_train_like_one_with_two_devices_and_resume_after_a_signal(
     shared, reference, tmp_path
 ):
-    """A 2-epoch run of 2 processes x 1 device (pmap) against one of 1 process x 2 devices.
+    """A 2-epoch run of 2 processes x 1 device against one of 1 process x 2 devices.
 
-    SIGTERM goes to process 0 alone, after epoch 1: both save the same step and exit 143
-    (a process that stopped alone would leave the other waiting in a collective for ever).
-    Epoch 1's metrics are the reference's; resumed, the run ends with the reference's
-    metrics, each file written once."""
-    args = [*ARGS, "--parallel", "pmap", "--epochs", "2"]
+    It starts under pmap. SIGTERM goes to process 0 alone, after epoch 1: both save the
+    same step and exit 143 (a process that stopped alone would leave the other waiting in a
+    collective for ever). Epoch 1's metrics are the reference's. Resumed under shard_map
+    (a run may change its strategy), both processes restore the checkpoint and the data
+    position and end with the reference's metrics, each file written once: the strategies
+    train alike over processes, and a checkpoint does not depend on the one that wrote it."""
+    args = [*ARGS, "--epochs", "2"]
     two = tmp_path / "two"
     pair = start(
-        [*args, "--workdir", str(two), "--checkpoint-every", "4"], shared, processes=2,
-        devices=1, logs=tmp_path / "logs-two",
+        [*args, "--parallel", "pmap", "--workdir", str(two), "--checkpoint-every", "4"],
+        shared, processes=2, devices=1, logs=tmp_path / "logs-two",
     )  # fmt: skip
     deadline = time.monotonic() + TIMEOUT_S
     while not any(step > STEPS_PER_EPOCH for step in checkpoint_steps(two)):
@@ -263,23 +251,26 @@ def test_two_processes_train_like_one_with_two_devices_and_resume_after_a_signal
     assert STEPS_PER_EPOCH < stopped_at < 2 * STEPS_PER_EPOCH, "not interrupted mid-way"
     assert f"SIGTERM at step {stopped_at}: checkpoint saved" in pair[0].stdout
     assert "(2 process(es), 1 local)" in pair[0].stdout
+    assert "  parallel     pmap" in own_lines(pair[0].stdout)
     assert own_lines(pair[1].stdout) == []  # process 1 prints nothing
     assert_same_metrics(records(two), want[:3])  # epoch 1: train, val, test
     assert_written_once(two, lines=3, runs=1)
     # Every process took part in each save, and each was finished (no temporary dirs).
     assert all(p.name.isdigit() for p in (two / "checkpoints").iterdir())
 
-    # Both processes restore the checkpoint and the data position, and go on as one.
     resumed = finish(
-        start([*args, "--workdir", str(two)], shared, processes=2, devices=1,
-              logs=tmp_path / "logs-resumed")
+        start([*args, "--parallel", "shard_map", "--workdir", str(two)], shared, processes=2,
+              devices=1, logs=tmp_path / "logs-resumed")
     )  # fmt: skip
     assert f"resuming     from step {stopped_at}" in resumed[0].stdout
+    assert "  parallel     shard_map" in own_lines(resumed[0].stdout)
     assert own_lines(resumed[0].stdout)[-1].startswith("test accuracy: ")
     assert own_lines(resumed[1].stdout) == []
     assert_same_metrics(records(two), want)
     assert_written_once(two, lines=6, runs=2)
     assert checkpoint_steps(two)[-1] == 2 * STEPS_PER_EPOCH
+    history = json.loads((two / "config.json").read_text())["history"]
+    assert history[-1]["changes"]["parallel"] == ["pmap", "shard_map"], history
 
 
 @pytest.mark.parametrize(
