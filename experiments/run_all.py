@@ -28,6 +28,7 @@ EXPERIMENTS = (
     "parallel_speed",
     "zoo",
     "feature_maps",
+    "bench_cpu",
     "small_data",
     "degradation",
 )

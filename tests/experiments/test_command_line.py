@@ -14,13 +14,16 @@ SCRIPTS = sorted(
     p.stem for p in (ROOT / "experiments").glob("*.py") if p.stem not in ("harness", "run_all")
 )
 # Scripts that import jax and flaxcnn's models before they parse their arguments take 2.5-4 s
-# to say no; the quick lane keeps the four that answer in under a second.
-LIGHT = ("degradation", "feature_maps", "parallel_speed", "small_data")
+# to say no; the quick lane keeps the five that answer in under a second.
+LIGHT = ("bench_cpu", "degradation", "feature_maps", "parallel_speed", "small_data")
+# Scripts whose quick page the main session has yet to measure on an idle machine and
+# commit: run_all lists them already. Remove a name here when its page is committed.
+UNPUBLISHED = ("bench_cpu",)
 
 
 def test_every_experiment_is_covered():
-    assert SCRIPTS == ["bottleneck", "degradation", "feature_maps", "loss", "one_by_one",
-                       "parallel_speed", "small_data", "zoo"]  # fmt: skip
+    assert SCRIPTS == ["bench_cpu", "bottleneck", "degradation", "feature_maps", "loss",
+                       "one_by_one", "parallel_speed", "small_data", "zoo"]  # fmt: skip
 
 
 @pytest.mark.parametrize(
@@ -46,7 +49,8 @@ def test_run_all_regenerates_exactly_the_committed_quick_pages(capsys):
         for p in (ROOT / "experiments" / "results").glob("*.json")
         if json.loads(p.read_text())["size"] == "quick"
     }
-    assert set(run_all.EXPERIMENTS) == committed == set(SCRIPTS)
+    assert not committed & set(UNPUBLISHED)  # published: take it out of UNPUBLISHED
+    assert set(run_all.EXPERIMENTS) == committed | set(UNPUBLISHED) == set(SCRIPTS)
     assert run_all.main(["--dry-run", "zoo", "loss"]) == 0
     assert capsys.readouterr().out.splitlines() == [
         "+ python experiments/zoo.py --quick --publish",
