@@ -274,8 +274,14 @@ def targets_summary(rows: Sequence[dict[str, Any]]) -> str:
     def part(kind: str, text: str) -> str:
         mine = [(r, verdicts(r)[kind]) for r in rows if verdicts(r)[kind] is not None]
         met = [r for r, v in mine if v == MET]
-        missed = [f"{NAMES.get(r['arch'], r['arch'])} ({v})" for r, v in mine if v != MET]
-        tail = f"; not {', '.join(missed)}" if missed else ""
+        key = "ratio" if kind == "train" else "loop_ratio"
+        missed = [
+            f"{NAMES.get(r['arch'], r['arch'])} "
+            + (f"{r[key]:.2f}" if v == NOT_MET else "not measured")
+            for r, v in mine
+            if v != MET
+        ]
+        tail = f" (short: {', '.join(missed)})" if missed else ""
         return f"{text}: met for {len(met)} of {len(mine)}{tail}"
 
     return (
