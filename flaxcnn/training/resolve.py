@@ -31,7 +31,9 @@ MIN_STEPS_PER_EPOCH = 20  # the default batch halves until an epoch has this man
 MIN_DEFAULT_BATCH = 8  # ...but not below this
 # Training splits smaller than this (their default batch falls below 64) train without
 # random crops by default: in the few steps of a short run, crops slowed learning more than
-# they helped on every small folder measured (docs/small-data.md).
+# they helped on the digit folders and for resnet20 on the shape folders measured (only the
+# FC-headed small nets did a little better with them on one, and learned none of the shape
+# folders either way; docs/small-data.md).
 SMALL_SPLIT = MIN_STEPS_PER_EPOCH * optim.LR_MIN_BATCH
 
 
