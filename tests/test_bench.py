@@ -291,3 +291,16 @@ def test_the_modules_import_each_other_without_a_cycle():
     for i, name in enumerate(listed):
         assert graph[name] <= set(listed[:i]), name
     assert bench.benchmark is timing.benchmark
+
+
+def test_a_network_without_a_twin_is_refused_before_torch_is_imported(monkeypatch):
+    """`--arch lenet5,simple_cnn --reference torch` stops at simple_cnn's name, without the
+    seconds of importing torch for lenet5's twin first."""
+
+    def imported(name):
+        raise AssertionError(f"{name}'s framework imported before every name was checked")
+
+    monkeypatch.setattr(planning, "reference_module", imported)
+    plans = [planning.plan("lenet5"), planning.plan("simple_cnn")]
+    with pytest.raises(cli.UsageError, match="no PyTorch twin of simple_cnn; twins exist for "):
+        planning.check_reference("torch", plans)

@@ -8,6 +8,7 @@ starts without them. One job a module; each imports only modules listed above it
 
     figures.py      one timed run's figures, the same keys for ours and for a reference
     flops.py        XLA's FLOPs of a compiled step, the devices' matrix-product peak
+    twin_names.py   which networks have a PyTorch twin (no torch import: refused first)
     loop.py         --loop: the trainer's own loop on the digits (imported only then)
     torch_twins.py  --reference torch: the same networks in PyTorch (imported only then)
     planning.py     every argument checked and resolved (Plan) before anything compiles

@@ -28,6 +28,7 @@ from flaxcnn.bench.planning import (
     REFERENCES,
     STRATEGIES,
     Plan,
+    check_reference,
     check_repeats,
     check_writable,
     loop_module,
@@ -148,9 +149,10 @@ def main(argv: list[str] | None = None) -> None:
                 check_writable(Path(args.json))
             root = stack.enter_context(loop_module().scratch()) if args.loop else None
             jobs = [
-                prepare_job(arch, settings, args.reference, root, args.loop_epochs)
+                prepare_job(arch, settings, None, root, args.loop_epochs)
                 for arch in parse_archs(args.arch)
             ]
+            check_reference(args.reference, [p for p, _ in jobs])
         except cli.UsageError as e:
             cli.fail(str(e))
         results = run_jobs(args, jobs)

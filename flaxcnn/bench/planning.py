@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -18,6 +19,7 @@ import jax
 import numpy as np
 
 from flaxcnn import cli, models
+from flaxcnn.bench import twin_names
 from flaxcnn.models import summary
 from flaxcnn.training import memory, optim, parallel
 from flaxcnn.training.build import Network
@@ -152,10 +154,16 @@ def check_repeats(repeats: int) -> None:
         raise cli.UsageError(f"--repeats must be a positive integer, got {repeats}")
 
 
-def check_reference(reference: str | None, p: Plan) -> None:
-    """The reference exists for `p`'s network, with exactly its parameter count."""
-    if reference is not None:
-        reference_module(reference).check_twin(p.network, p.params)
+def check_reference(reference: str | None, plans: Sequence[Plan]) -> None:
+    """The reference exists for every plan's network, with exactly its parameter count;
+    a network without a twin is refused before the reference's framework is imported."""
+    if reference is None:
+        return
+    for p in plans:
+        twin_names.check_supported(p.network)
+    module = reference_module(reference)
+    for p in plans:
+        module.check_twin(p.network, p.params)
 
 
 def loop_module() -> ModuleType:
@@ -186,7 +194,7 @@ def prepare_job(
     p = plan(arch, **settings)
     if setup is not None:
         loop_module().check_same(setup, p.network, p.batch_size)
-    check_reference(reference, p)
+    check_reference(reference, [p])
     return p, setup
 
 
