@@ -81,6 +81,18 @@ def test_verdict_follows_the_measurements():
         (20, 56),
     )
     assert all("did not hold" in line for line in failed)
+    # Equal training errors: the plain claim (higher) fails, the residual one (no higher)
+    # holds, and neither sentence calls an equal error "lower".
+    equal = degradation.verdict(
+        {arch: errors(0.0008) for arch in ("plain20", "plain56", "resnet20", "resnet56")},
+        (20, 56),
+    )
+    assert equal == [
+        "- plain-56 ended with the same training error as plain-20 (0.08% vs 0.08%; test 10.00%"
+        " vs 10.00%): the claim expects a higher one, so on this point it did not hold.",
+        "- resnet-56 ended with the same training error as resnet-20 (0.08% vs 0.08%; test "
+        "10.00% vs 10.00%): the claim expects one no higher, so on this point it held.",
+    ]
 
 
 def test_every_number_in_the_full_table_has_a_source():
