@@ -45,6 +45,7 @@ if TYPE_CHECKING:
 SIZES = ("smoke", "quick", "full")
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
+PUBLISHED_DIR = "experiments/results"  # RESULTS as git status names it, from the root
 SCRATCH = Path("runs") / "experiments"
 NOT_RUN = ""  # a table cell that was not measured stays empty, never estimated
 
@@ -199,7 +200,15 @@ def code_version() -> dict[str, Any]:
 
     commit = git("rev-parse", "HEAD")
     status = git("status", "--porcelain", "--untracked-files=no")
-    return {"commit": commit, "uncommitted_changes": None if status is None else bool(status)}
+    return {"commit": commit, "uncommitted_changes": None if status is None else changed(status)}
+
+
+def changed(porcelain: str) -> bool:
+    """Whether `git status --porcelain` shows a tracked file changed other than a published
+    page: `run_all.py` publishes one page after another, and the pages it already wrote are
+    outputs of the committed code, not changes to it."""
+    paths = [line[3:].split(" -> ")[-1] for line in porcelain.splitlines() if line.strip()]
+    return any(not p.strip('"').startswith(f"{PUBLISHED_DIR}/") for p in paths)
 
 
 def cpu_model() -> str:

@@ -92,7 +92,8 @@ def test_a_page_names_the_commit_it_was_measured_at(tmp_path, monkeypatch):
     import harness
 
     run = harness.start("loss", None, ["--smoke", "--out", str(tmp_path)])
-    assert run.code == {"commit": head.stdout.strip(), "uncommitted_changes": bool(changed)}
+    expected = {"commit": head.stdout.strip(), "uncommitted_changes": harness.changed(changed)}
+    assert run.code == expected
     page = harness.Page(run, "Title", claim="a claim")
     page.write(data={"x": 1})
     record = json.loads((tmp_path / "loss.json").read_text())
@@ -100,4 +101,18 @@ def test_a_page_names_the_commit_it_was_measured_at(tmp_path, monkeypatch):
     assert len(record["load_average_at_start"]) == 3
     text = (tmp_path / "loss.md").read_text()
     assert f"Code: commit {head.stdout.strip()[:10]}" in text
-    assert ("with uncommitted changes" in text) == bool(changed)
+    assert ("with uncommitted changes" in text) == harness.changed(changed)
+
+
+def test_pages_already_published_are_not_changes_to_the_code():
+    """run_all.py publishes the pages one after another: a page written before is an output,
+    while any other tracked file changed (or renamed into place) is a change to the code."""
+    sys.path.insert(0, str(ROOT / "experiments"))
+    import harness
+
+    pages = " M experiments/results/loss.md\n M experiments/results/loss.png\n"
+    assert not harness.changed("") and not harness.changed(pages)
+    assert harness.changed(pages + " M flaxcnn/training/loop.py\n")
+    assert harness.changed("M  experiments/zoo.py\n")
+    assert harness.changed("R  experiments/results/x.md -> experiments/x.py\n")
+    assert not harness.changed('R  a.md -> "experiments/results/with space.md"\n')
