@@ -207,7 +207,10 @@ def changed(porcelain: str) -> bool:
     """Whether `git status --porcelain` shows a tracked file changed other than a published
     page: `run_all.py` publishes one page after another, and the pages it already wrote are
     outputs of the committed code, not changes to it."""
-    paths = [line[3:].split(" -> ")[-1] for line in porcelain.splitlines() if line.strip()]
+    # Each line: a two-letter status, a space, the path ("old -> new" for a rename); the
+    # status may start with a space, which a stripped output has lost.
+    lines = [line.strip() for line in porcelain.splitlines() if line.strip()]
+    paths = [line.split(maxsplit=1)[1].split(" -> ")[-1] for line in lines]
     return any(not p.strip('"').startswith(f"{PUBLISHED_DIR}/") for p in paths)
 
 

@@ -112,6 +112,7 @@ def test_pages_already_published_are_not_changes_to_the_code():
 
     pages = " M experiments/results/loss.md\n M experiments/results/loss.png\n"
     assert not harness.changed("") and not harness.changed(pages)
+    assert not harness.changed(pages.strip())  # as code_version reads it: stripped
     assert harness.changed(pages + " M flaxcnn/training/loop.py\n")
     assert harness.changed("M  experiments/zoo.py\n")
     assert harness.changed("R  experiments/results/x.md -> experiments/x.py\n")
