@@ -28,9 +28,10 @@ OPT_OUT = "FLAXCNN_XLA_DEFAULTS"
 
 # Options for a program compiled once and run once (the initialiser of the train state),
 # passed to its compile alone. XLA:CPU compiles with LLVM at -O3; the initialiser, mostly
-# random-number generation, compiles 2-3x faster at -O2 (resnet20: 4.6 -> 1.8 s, googlenet:
-# 16 -> 11 s on a 2-core Xeon) into the same bits, which tests/training/test_state.py
-# checks. The steps, which run thousands of times, keep XLA's default.
+# random-number generation, compiles faster at -O2 (resnet20: 4.6 -> 1.8 s, googlenet:
+# 16.6 -> 10.2 s, vgg19_bn 13.4 -> 3.6 s on a 2-core Xeon; docs/measurements.md) into the
+# same bits, which tests/training/test_state.py checks. The steps, which run thousands of
+# times, keep XLA's default.
 CPU_COMPILE_ONCE_OPTIONS = {"xla_backend_optimization_level": 2}
 
 

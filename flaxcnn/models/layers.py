@@ -59,7 +59,8 @@ def conv_general_dilated(
     same parameters), measured faster forward and backward on a 2-core Xeon:
 
     * 1x1 kernels without padding (ResNet projections and bottlenecks): the (strided)
-      pixels times the kernel, 2-3x faster than XLA's convolution, gradients included;
+      pixels times the kernel, 1.7-2.0x faster than XLA's convolution forward and 2.4-3.0x
+      backward (docs/measurements.md, "CPU defaults");
     * images smaller than the kernel (a 3x3 conv on the 2x2 and 1x1 maps at the end of a
       ResNet on small images, where XLA's convolution is 10-50x slower): gathered taps
       times the reshaped kernel.
