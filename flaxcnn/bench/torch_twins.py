@@ -37,6 +37,8 @@ from flaxcnn.training.build import Network
 from flaxcnn.training.optim import OptimizerSettings
 
 WARMUP_STEPS = 1  # untimed calls after the first one, as for ours
+
+
 # -- the twins ---------------------------------------------------------------------------
 
 

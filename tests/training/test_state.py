@@ -13,11 +13,12 @@ from flaxcnn.training import state as state_lib
 
 @pytest.mark.parametrize(
     "arch, size",
-    # Each compiles its initialiser twice, once at XLA's -O3 (3-5 s). The two hold every
-    # kind of initialiser the CNNs here draw from but GoogLeNet's plain normal: variance
-    # scaling (LeCun for the dense layers, as LeNet-5's and the simple CNN's layers; He's,
-    # fan-in and fan-out, for convolutions), BatchNorm's constants and the optimizer's
-    # zeros. The quick lane keeps netresdeep: convolutions, a dense layer and BatchNorm.
+    # Each compiles its initialiser twice, once at XLA's -O3 (3-5 s). The two draw from
+    # every initialiser the other CNNs here use but GoogLeNet's plain normal: variance
+    # scaling with LeCun's scale (their dense layers; all of LeNet-5's layers) and with
+    # He's, fan-out and fan-in (the convolutions, the simple CNN's too), BatchNorm's
+    # constants and the optimizer's zeros. The quick lane keeps netresdeep: convolutions,
+    # a dense layer and BatchNorm.
     [pytest.param("resnet20", 8, marks=pytest.mark.slow), ("netresdeep", 16)],
 )  # fmt: skip
 def test_the_initial_state_is_the_one_plain_jit_gives(arch, size, monkeypatch):
