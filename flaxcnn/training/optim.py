@@ -20,8 +20,8 @@ DEFAULT_LR = {"sgd": 0.1, "adamw": 1e-3}  # per 256 images
 DEFAULT_WEIGHT_DECAY = {"sgd": 5e-4, "adamw": 0.05}
 REFERENCE_BATCH = 256
 # Smaller batches take the rate of this one. Scaled all the way down, the batch of 8 that a
-# folder of 180 images gets had a 16x smaller step than the digits' batch of 64, and such
-# folders did not learn in 10 epochs (docs/small-data.md).
+# folder of 180 images gets had a step 8x smaller than the digits' batch of 64 (16x smaller
+# than a batch of 128's), and such folders did not learn in 10 epochs (docs/small-data.md).
 LR_MIN_BATCH = 64
 
 
