@@ -269,8 +269,20 @@ def _convert(key: str, array: np.ndarray) -> np.ndarray:
     if array.ndim == 4:
         array = array.transpose(2, 3, 1, 0)
     elif array.ndim == 2:
-        array = array.T
+        return _transposed(array)
     return np.ascontiguousarray(array, dtype=np.float32)
+
+
+def _transposed(matrix: np.ndarray, tile: int = 256) -> np.ndarray:
+    """`matrix.T` as a new C-contiguous array, copied tile by tile: one copy of a large
+    transposed matrix walks memory a column at a time (VGG's 4096 x 25088 classifier
+    weight: 0.59 s, against 0.29 s in tiles of 256, on a 2-core AMD EPYC)."""
+    rows, columns = matrix.shape
+    out = np.empty((columns, rows), np.float32)
+    for i in range(0, rows, tile):
+        for j in range(0, columns, tile):
+            out[j : j + tile, i : i + tile] = matrix[i : i + tile, j : j + tile].T
+    return out
 
 
 def from_torchvision(arch: str, state_dict: Mapping[str, Any]) -> dict[str, dict]:
@@ -328,8 +340,11 @@ def count_params(variables: Mapping[str, Any]) -> int:
 # -- verification ----------------------------------------------------------------------------
 
 
-def torchvision_model(arch: str, options: Mapping[str, Any] | None = None):
-    """torchvision's `arch` without pretrained weights or (where it can) initialisation."""
+def torchvision_model(arch: str, options: Mapping[str, Any] | None = None, empty: bool = False):
+    """torchvision's `arch` without pretrained weights or (where it can) initialisation;
+    `empty`: on torch's meta device, without memory or values, for `load_state_dict(...,
+    assign=True)` to fill (VGG-16's random initialisation took 0.6 s)."""
+    import torch
     import torchvision
 
     _check_arch(arch)
@@ -341,6 +356,9 @@ def torchvision_model(arch: str, options: Mapping[str, Any] | None = None):
         kwargs["init_weights"] = False
         kwargs["aux_logits"] = bool(options.get("aux_logits", False))
         kwargs["transform_input"] = bool(options.get("transform_input", False))
+    if empty:
+        with torch.device("meta"):
+            return getattr(torchvision.models, arch)(weights=None, **kwargs)
     return getattr(torchvision.models, arch)(weights=None, **kwargs)
 
 
@@ -375,8 +393,11 @@ def verify(
 
     from flaxcnn import models
 
-    torch_model = torchvision_model(arch, options)
-    torch_model.load_state_dict(_torch_state_dict(state_dict), strict=True)
+    torch_model = torchvision_model(arch, options, empty=True)
+    torch_model.load_state_dict(_torch_state_dict(state_dict), strict=True, assign=True)
+    if any(t.is_meta for t in (*torch_model.parameters(), *torch_model.buffers())):
+        torch_model = torchvision_model(arch, options)  # a tensor the state_dict does not hold
+        torch_model.load_state_dict(_torch_state_dict(state_dict), strict=True)
     torch_model.float().eval()
     flax_model = models.create(arch, **options)
     apply = jax.jit(lambda v, x: flax_model.apply(v, x, train=False))
