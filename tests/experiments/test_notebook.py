@@ -92,16 +92,18 @@ def parameters_index(nb: nbformat.NotebookNode) -> int:
     return tagged[0]
 
 
-def single_device_env(tmp_path: Path) -> dict[str, str]:
+def single_device_env(tmp_path: Path, smoke_xla_flags: str) -> dict[str, str]:
     """The kernel's environment: one CPU device as on a laptop (tests/conftest.py asks this
-    process for four fake ones), and a TFDS directory of the test's own."""
+    process for four fake ones), XLA's flags for a compile-bound smoke run (`smoke_xla_flags`
+    in conftest.py: each of the kernel's programs runs a few times, so compiling is what
+    costs), and a TFDS directory of the test's own."""
     env = dict(os.environ)
     flags = [
         f
         for f in env.get("XLA_FLAGS", "").split()
         if not f.startswith("--xla_force_host_platform_device_count")
     ]
-    env["XLA_FLAGS"] = " ".join(flags)
+    env["XLA_FLAGS"] = " ".join([*flags, *smoke_xla_flags.split()])
     env["JAX_PLATFORMS"] = "cpu"
     env["TFDS_DATA_DIR"] = str(tmp_path / "tfds-default")
     return env
@@ -185,7 +187,7 @@ def test_install_cell_picks_the_extra_for_the_runtime(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-def test_notebook_runs_in_smoke_mode(tmp_path):
+def test_notebook_runs_in_smoke_mode(tmp_path, smoke_xla_flags):
     nb = read_notebook()
     work, data_dir = tmp_path / "work", tmp_path / "tfds"
     injected = nbformat.v4.new_code_cell(
@@ -197,7 +199,8 @@ def test_notebook_runs_in_smoke_mode(tmp_path):
     client = nbclient.NotebookClient(
         nb, kernel_name="python3", timeout=600, resources={"metadata": {"path": str(ROOT)}}
     )
-    client.execute(env=single_device_env(tmp_path))  # CellExecutionError shows the failing cell
+    # CellExecutionError shows the failing cell
+    client.execute(env=single_device_env(tmp_path, smoke_xla_flags))
 
     outputs = [out for cell in nb.cells if cell.cell_type == "code" for out in cell.outputs]
     text = "".join(out.get("text", "") for out in outputs if out.output_type == "stream")
