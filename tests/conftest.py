@@ -53,13 +53,15 @@ def pytest_collection_modifyitems(config, items):
     decides how long one worker waits for the other at the end: run in file-name order, the
     long training tests of tests/training/ came last (a full run, 2026-12-07: one worker
     idle for 23 s). Files stay whole, so module-scoped fixtures are made once per worker."""
+
+    def file(item) -> str:
+        return item.nodeid.split("::")[0]
+
     slow: dict[str, int] = {}
     for item in items:
-        slow[item.nodeid.split("::")[0]] = slow.get(item.nodeid.split("::")[0], 0) + (
-            item.get_closest_marker("slow") is not None
-        )
-    order = {path: rank for rank, path in enumerate(sorted(slow, key=lambda p: -slow[p]))}
-    items.sort(key=lambda item: order[item.nodeid.split("::")[0]])
+        slow[file(item)] = slow.get(file(item), 0) + (item.get_closest_marker("slow") is not None)
+    rank = {path: i for i, path in enumerate(sorted(slow, key=lambda path: -slow[path]))}
+    items.sort(key=lambda item: rank[file(item)])  # stable: each file's own order
 
 
 def pytest_sessionfinish(session):
