@@ -32,6 +32,7 @@ that --help and bad arguments answer at once.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import functools
 import re
@@ -356,10 +357,8 @@ def torchvision_model(arch: str, options: Mapping[str, Any] | None = None, empty
         kwargs["init_weights"] = False
         kwargs["aux_logits"] = bool(options.get("aux_logits", False))
         kwargs["transform_input"] = bool(options.get("transform_input", False))
-    if empty:
-        with torch.device("meta"):
-            return getattr(torchvision.models, arch)(weights=None, **kwargs)
-    return getattr(torchvision.models, arch)(weights=None, **kwargs)
+    with torch.device("meta") if empty else contextlib.nullcontext():
+        return getattr(torchvision.models, arch)(weights=None, **kwargs)
 
 
 def _torch_state_dict(state_dict: Mapping[str, Any]) -> dict:

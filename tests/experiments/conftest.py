@@ -44,11 +44,16 @@ EXPERIMENTS = ROOT / "experiments"
 sys.path.insert(0, str(EXPERIMENTS))  # so tests can import the scripts' pure functions
 
 
+def smoke_flags(compile_bound: bool) -> str:
+    """The XLA flags a smoke run adds: -O0, and the older emitter where it only compiles."""
+    return f"{SMOKE_XLA_FLAGS} {COMPILE_BOUND_XLA_FLAGS if compile_bound else ''}".strip()
+
+
 @pytest.fixture(scope="session")
 def smoke_xla_flags() -> str:
     """The XLA flags of a compile-bound smoke run, for a test that starts a child of its own
     (the notebook's kernel)."""
-    return f"{SMOKE_XLA_FLAGS} {COMPILE_BOUND_XLA_FLAGS}".strip()
+    return smoke_flags(compile_bound=True)
 
 
 @pytest.fixture(scope="session")
@@ -63,7 +68,7 @@ def run_experiment(tmp_path_factory, digits_data_dir: Path) -> Callable[..., tup
         out = tmp_path / "results"
         command = [sys.executable, str(EXPERIMENTS / f"{name}.py"), "--smoke", "--out", str(out),
                    "--workdir", str(tmp_path / "work"), *extra]  # fmt: skip
-        smoke = f"{SMOKE_XLA_FLAGS} {COMPILE_BOUND_XLA_FLAGS if name in COMPILE_BOUND else ''}"
+        smoke = smoke_flags(compile_bound=name in COMPILE_BOUND)
         flags = f"{os.environ.get('XLA_FLAGS', '')} {smoke}".strip()
         env = {**os.environ, "TFDS_DATA_DIR": str(digits_data_dir), "XLA_FLAGS": flags}
         proc = subprocess.run(
