@@ -52,7 +52,8 @@ def pytest_collection_modifyitems(config, items):
     pytest-xdist hands tests out in this order as workers free up, so whatever runs last
     decides how long one worker waits for the other at the end: run in file-name order, the
     long training tests of tests/training/ came last (a full run, 2026-12-07: one worker
-    idle for 23 s). Files stay whole, so module-scoped fixtures are made once per worker."""
+    idle for 23 s). The order only: xdist may still hand one file's tests to both workers,
+    so a test must not count on the other tests of its file running beside it."""
 
     def file(item) -> str:
         return item.nodeid.split("::")[0]
@@ -143,6 +144,16 @@ def finished_run(digits_data_dir, once_per_run) -> pathlib.Path:
         return str(workdir)
 
     return pathlib.Path(once_per_run("finished_run", make))
+
+
+@pytest.fixture(scope="module")
+def own_finished_run(finished_run, tmp_path_factory) -> pathlib.Path:
+    """A copy of `finished_run` for one test module, for the modules whose tests write
+    plots beside the run or compare a snapshot of its files: on the shared run, a test on
+    the other xdist worker may write a PNG (or its temporary file) at any moment."""
+    target = tmp_path_factory.mktemp("run") / finished_run.name
+    shutil.copytree(finished_run, target, ignore=shutil.ignore_patterns(".lock"))
+    return target
 
 
 @pytest.fixture

@@ -81,9 +81,10 @@ def data_dir(digits_data_dir) -> Iterator[Path]:
 
 
 @pytest.fixture(scope="module")
-def lenet_run(data_dir, finished_run) -> Path:
-    """The session's finished LeNet-5 run on the digits (read only)."""
-    return finished_run
+def lenet_run(data_dir, own_finished_run) -> Path:
+    """The session's finished LeNet-5 run on the digits, copied for this module (read
+    only)."""
+    return own_finished_run
 
 
 @pytest.fixture(scope="module")

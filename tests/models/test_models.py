@@ -274,8 +274,8 @@ def test_pmap_over_four_devices_equals_one_device(name):
         return model.apply(v, x, train=True, mutable=["batch_stats"])
 
     # One device: the same function, its "batch" axis of size 1 provided by vmap.
-    single_out, single_upd = jax.vmap(
-        step, in_axes=(None, None), out_axes=(None, None), axis_name="batch", axis_size=1
+    single_out, single_upd = jax.jit(
+        jax.vmap(step, in_axes=(None, None), out_axes=(None, None), axis_name="batch", axis_size=1)
     )(variables, x)
     replicated = jax.tree.map(lambda a: jnp.broadcast_to(a, (4, *a.shape)), variables)
     par_out, par_upd = jax.pmap(step, axis_name="batch")(replicated, x.reshape(4, 2, 32, 32, 3))

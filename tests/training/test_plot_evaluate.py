@@ -1,7 +1,7 @@
 """`flaxcnn.plot` and `flaxcnn.evaluate` on one real run: LeNet-5, two epochs of the digits.
 
-The run is the session's `finished_run` (trained in this process, over the test session's
-four CPU devices), and only read. Evaluation runs on one device with other batch sizes:
+The run is this module's copy of the session's `finished_run` (trained over the test
+session's four CPU devices), and only read. Evaluation runs on one device with other batch sizes:
 it must count every test example exactly once and agree with the logged loss to float
 rounding. The accuracies may differ by one example at most: another batch size is another
 compiled program, whose rounding can move a logit that sits at a tie across it. The
@@ -39,10 +39,10 @@ def data_dir(digits_data_dir) -> Iterator[Path]:
 
 
 @pytest.fixture(scope="module")
-def run(data_dir, finished_run) -> Path:
+def run(data_dir, own_finished_run) -> Path:
     """The workdir of the session's finished two-epoch LeNet-5 run (checkpoints at both
-    epochs)."""
-    return finished_run
+    epochs), copied for this module."""
+    return own_finished_run
 
 
 @pytest.fixture(scope="module")
