@@ -229,3 +229,48 @@ def test_default_augmentation_is_the_data_sets_own_and_older_states_still_restor
     assert iterator.get_state()["step"] == 3
     with pytest.raises(ValueError, match="augment"):
         iterator.set_state({**state, "augment": False})
+
+
+# --------------------------------------------------------------- whole batches in memory
+
+
+def grain_graph(pipe: data.TrainPipeline):
+    """The pipeline's stream as grain's per-example graph, which whole batches replace."""
+    from flaxcnn.data.memory import preprocess_in_memory
+
+    split = preprocess_in_memory(pipe.dataset.train, pipe.image_size, pipe.channels)
+    return pipe._normalized(pipe._grain_batches(split, in_memory=True))
+
+
+@pytest.mark.parametrize("augment", ["none", "crop", "crop+flip"])
+@pytest.mark.parametrize("process_index, process_count, channels", [(0, 1, 1), (1, 2, 3)])
+def test_whole_batches_are_grains_batches_bit_for_bit(
+    digits, augment, process_index, process_count, channels
+):
+    """An in-memory split is batched whole (order, crops and flips drawn as grain draws
+    them), and gives the batches of grain's graph for three epochs, epoch edges included."""
+    pipe = pipeline(
+        digits, global_batch_size=64, image_size=16, augment=augment, seed=3,
+        process_index=process_index, process_count=process_count, channels=channels,
+    )  # fmt: skip
+    assert pipe.whole_batches
+    reference = grain_graph(pipe)
+    for step in range(3 * pipe.steps_per_epoch):
+        got, want = pipe._batches[step], reference[step]
+        for key in ("image", "label"):
+            assert got[key].dtype == want[key].dtype, (step, key)
+            np.testing.assert_array_equal(got[key], want[key], err_msg=f"batch {step}")
+
+
+def test_whole_batches_give_way_to_grain_where_they_would_differ(digits, monkeypatch):
+    """Another grain might derive its seeds otherwise: the pipeline compares the two on its
+    first batches and keeps grain's graph if they differ."""
+    from flaxcnn.data import fast_batches
+
+    monkeypatch.setattr(fast_batches, "AUGMENT_DEPTH", fast_batches.AUGMENT_DEPTH + 1)
+    pipe = pipeline(digits, global_batch_size=64, image_size=16, augment="crop")
+    assert not pipe.whole_batches
+    reference = grain_graph(pipe)
+    np.testing.assert_array_equal(pipe._batches[1]["image"], reference[1]["image"])
+    monkeypatch.undo()
+    assert pipeline(digits, global_batch_size=64, image_size=16, augment="crop").whole_batches
