@@ -392,11 +392,12 @@ def verify(
 
     from flaxcnn import models
 
+    torch_state = _torch_state_dict(state_dict)
     torch_model = torchvision_model(arch, options, empty=True)
-    torch_model.load_state_dict(_torch_state_dict(state_dict), strict=True, assign=True)
+    torch_model.load_state_dict(torch_state, strict=True, assign=True)
     if any(t.is_meta for t in (*torch_model.parameters(), *torch_model.buffers())):
         torch_model = torchvision_model(arch, options)  # a tensor the state_dict does not hold
-        torch_model.load_state_dict(_torch_state_dict(state_dict), strict=True)
+        torch_model.load_state_dict(torch_state, strict=True)
     torch_model.float().eval()
     flax_model = models.create(arch, **options)
     apply = jax.jit(lambda v, x: flax_model.apply(v, x, train=False))
