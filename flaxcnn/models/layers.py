@@ -65,12 +65,15 @@ def conv_general_dilated(
       ResNet on small images, where XLA's convolution is 10-50x slower): gathered taps
       times the reshaped kernel.
 
-    Everywhere else, and on other backends, this is exactly `lax.conv_general_dilated`.
+    Everywhere else this is exactly `lax.conv_general_dilated`; on CPU, an input of at
+    least `MATERIALIZE_MIN_CHANNELS` channels goes through `materialized` first.
     """
     path = _matmul_path(
         lhs, rhs, padding, lhs_dilation, rhs_dilation, dimension_numbers, feature_group_count
     )
     if path is None:
+        if _materialize_input(lhs, rhs, dimension_numbers):
+            lhs = materialized(lhs)
         return lax.conv_general_dilated(
             lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
             dimension_numbers, feature_group_count, precision=precision, **kwargs,
@@ -97,7 +100,7 @@ def _matmul_path(
     lhs, rhs, padding, lhs_dilation, rhs_dilation, dimension_numbers, feature_group_count
 ) -> str | None:
     """ "pointwise", "taps" or None (XLA's convolution): see `conv_general_dilated`."""
-    nhwc = lax.conv_dimension_numbers(lhs.shape, rhs.shape, ("NHWC", "HWIO", "NHWC"))
+    nhwc = lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC)
     plain = (
         jax.default_backend() == "cpu"
         and lhs.ndim == 4
@@ -115,6 +118,47 @@ def _matmul_path(
     if not isinstance(padding, str) and min(lhs.shape[1], lhs.shape[2]) < max(kh, kw):
         return "taps"
     return None
+
+
+# The fewest input channels for which a convolution's input is `materialized` on CPU:
+# ResNet-20's stages (16-64 channels) and the torchvision ResNets gain; LeNet-5's convolutions
+# (1 and 6 input channels) ran slower with it (docs/cpu-speed.md).
+MATERIALIZE_MIN_CHANNELS = 16
+
+
+def _materialize_input(lhs: Array, rhs: Array, dimension_numbers: Any) -> bool:
+    return (
+        jax.default_backend() == "cpu"
+        and lhs.ndim == 4
+        and dimension_numbers == lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC)
+        and lhs.shape[-1] >= MATERIALIZE_MIN_CHANNELS
+    )
+
+
+_NHWC = ("NHWC", "HWIO", "NHWC")
+
+
+@jax.custom_jvp
+def materialized(x: Array) -> Array:
+    """`x`, bit for bit, written to memory once instead of recomputed by its consumers.
+
+    In a train step XLA:CPU lays a convolution's input out batch-innermost, `[C, H, W, N]`,
+    for the kernel's gradient, and fuses the elementwise ops that made the input (BatchNorm's
+    scale and shift, ReLU, the residual additions of the blocks before) into that
+    transposing copy: it recomputes them, reading the saved convolution outputs 64 KiB
+    apart, instead of reading the activation the forward pass already wrote. In ResNet-20's
+    step those copies took a third of the time. XLA does not copy a producer that holds an
+    expensive op into several consumers, so this selects `x` over `exp(x)` (never taken: a
+    NaN stays a NaN) and the transposing copies read the stored activation. Gradients pass
+    through unchanged (`custom_jvp`), with no `exp` in them.
+    """
+    return jnp.where(x == x, x, jnp.exp(x))
+
+
+@materialized.defjvp
+def _materialized_jvp(primals, tangents):
+    (x,), (t,) = primals, tangents
+    return materialized(x), t
 
 
 class Conv(nn.Conv):
