@@ -140,7 +140,8 @@ _NHWC = ("NHWC", "HWIO", "NHWC")
 
 @jax.custom_jvp
 def materialized(x: Array) -> Array:
-    """`x`, bit for bit, written to memory once instead of recomputed by its consumers.
+    """`x`, bit for bit; in a differentiated step, written to memory once instead of
+    recomputed by its consumers.
 
     In a train step XLA:CPU lays a convolution's input out batch-innermost, `[C, H, W, N]`,
     for the kernel's gradient, and fuses the elementwise ops that made the input (BatchNorm's
@@ -148,17 +149,19 @@ def materialized(x: Array) -> Array:
     transposing copy: it recomputes them, reading the saved convolution outputs 64 KiB
     apart, instead of reading the activation the forward pass already wrote. In ResNet-20's
     step those copies took a third of the time. XLA does not copy a producer that holds an
-    expensive op into several consumers, so this selects `x` over `exp(x)` (never taken: a
-    NaN stays a NaN) and the transposing copies read the stored activation. Gradients pass
-    through unchanged (`custom_jvp`), with no `exp` in them.
+    expensive op into several consumers, so under differentiation (the JVP rule) this
+    selects `x` over `exp(x)` (never taken: a NaN stays a NaN), and the transposing copies
+    read the stored activation; gradients pass through unchanged, with no `exp` in them.
+    Without differentiation (evaluation, inference) there is no kernel gradient to feed and
+    this is `x` itself, at no cost.
     """
-    return jnp.where(x == x, x, jnp.exp(x))
+    return x
 
 
 @materialized.defjvp
 def _materialized_jvp(primals, tangents):
     (x,), (t,) = primals, tangents
-    return materialized(x), t
+    return jnp.where(x == x, x, jnp.exp(x)), t
 
 
 class Conv(nn.Conv):

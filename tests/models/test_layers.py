@@ -139,12 +139,18 @@ def test_resnet_projections_take_the_pointwise_path(monkeypatch):
 
 
 def test_materialized_is_the_identity_bit_for_bit_and_in_its_gradient():
-    """Every float comes back unchanged, the signed zero and the infinities included, and
-    the gradient is the incoming one even where exp(x) overflows."""
+    """Differentiated or not, every float comes back unchanged, the signed zero and the
+    infinities included, and the gradient is the incoming one even where exp(x) overflows."""
     x = jnp.asarray([0.0, -0.0, 1.5, -3.25, 88.0, 100.0, 1e30, -1e30, np.inf, -np.inf, 1e-45])
-    out = jax.jit(layers.materialized)(x)
-    np.testing.assert_array_equal(np.asarray(out).view(np.uint32), np.asarray(x).view(np.uint32))
-    assert np.isnan(jax.jit(layers.materialized)(jnp.asarray([np.nan])))[0]
+    t = jnp.arange(x.size, dtype=jnp.float32)
+    plain = jax.jit(layers.materialized)(x)
+    primal, tangent = jax.jit(lambda x, t: jax.jvp(layers.materialized, (x,), (t,)))(x, t)
+    for out in (plain, primal):
+        np.testing.assert_array_equal(
+            np.asarray(out).view(np.uint32), np.asarray(x).view(np.uint32)
+        )
+    np.testing.assert_array_equal(tangent, t)
+    assert np.isnan(jax.jvp(layers.materialized, (jnp.asarray([np.nan]),), (t[:1],))[0])[0]
     g = jax.jit(jax.grad(lambda x: jnp.sum(layers.materialized(x) * jnp.arange(3.0))))
     np.testing.assert_array_equal(g(jnp.asarray([1.0, 100.0, 1e30])), [0.0, 1.0, 2.0])
 
