@@ -100,13 +100,10 @@ def _matmul_path(
     lhs, rhs, padding, lhs_dilation, rhs_dilation, dimension_numbers, feature_group_count
 ) -> str | None:
     """ "pointwise", "taps" or None (XLA's convolution): see `conv_general_dilated`."""
-    nhwc = lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC)
     plain = (
-        jax.default_backend() == "cpu"
-        and lhs.ndim == 4
+        _nhwc_on_cpu(lhs, rhs, dimension_numbers)
         and feature_group_count == 1
         and all(d == 1 for d in (*(lhs_dilation or ()), *(rhs_dilation or ())))
-        and dimension_numbers == nhwc
     )
     if not plain:
         return None
@@ -127,15 +124,19 @@ MATERIALIZE_MIN_CHANNELS = 16
 
 
 def _materialize_input(lhs: Array, rhs: Array, dimension_numbers: Any) -> bool:
+    return _nhwc_on_cpu(lhs, rhs, dimension_numbers) and lhs.shape[-1] >= MATERIALIZE_MIN_CHANNELS
+
+
+_NHWC = ("NHWC", "HWIO", "NHWC")
+
+
+def _nhwc_on_cpu(lhs: Array, rhs: Array, dimension_numbers: Any) -> bool:
+    """A 2-D convolution of NHWC images with an HWIO kernel, on the CPU backend."""
     return (
         jax.default_backend() == "cpu"
         and lhs.ndim == 4
         and dimension_numbers == lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC)
-        and lhs.shape[-1] >= MATERIALIZE_MIN_CHANNELS
     )
-
-
-_NHWC = ("NHWC", "HWIO", "NHWC")
 
 
 @jax.custom_jvp
